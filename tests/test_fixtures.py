@@ -1,0 +1,40 @@
+"""The shared fixtures do what later tests rely on, against real sockets."""
+import urllib.error
+import urllib.request
+
+import pytest
+
+from fault_server import Response, redirect
+
+
+def test_fault_server_scripts_responses_in_order(http_server):
+    url = http_server.route("/flaky.jpg", [Response(status=500), Response(body=b"ok")])
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(url, timeout=5)
+    assert err.value.code == 500
+    assert urllib.request.urlopen(url, timeout=5).read() == b"ok"
+    assert urllib.request.urlopen(url, timeout=5).read() == b"ok"
+    assert http_server.hits("/flaky.jpg") == 3
+
+
+def test_fault_server_truncates_redirects_and_404s(http_server):
+    short = http_server.route("/short", Response(body=b"abc", declared_length=100))
+    with pytest.raises(Exception):
+        urllib.request.urlopen(short, timeout=5).read()
+    target = http_server.serve("/target", b"payload")
+    hop = http_server.route("/hop", redirect(target))
+    assert urllib.request.urlopen(hop, timeout=5).read() == b"payload"
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(http_server.url("/missing"), timeout=5)
+    assert err.value.code == 404
+
+
+def test_gcs_emulator_round_trip(gcs_bucket):
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    client = storage.Client(project="test-project", credentials=AnonymousCredentials())
+    client.bucket(gcs_bucket).blob("a/b.txt").upload_from_string(b"hello")
+    names = [b.name for b in client.list_blobs(gcs_bucket)]
+    assert names == ["a/b.txt"]
+    assert client.bucket(gcs_bucket).blob("a/b.txt").download_as_bytes() == b"hello"
