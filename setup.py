@@ -17,6 +17,8 @@ REQUIRED = [
     "pyarrow>=18,<26",
     "pillow>=12.1.1,<13",
     "numpy>=1.26,<2.5",
+    # The sample-data builder reads the real BigEarthNet patches shipped as LMDB.
+    "lmdb>=1.4",
     # The evaluation report writes PNG plots.
     "matplotlib>=3.8",
 ]
