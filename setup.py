@@ -38,6 +38,7 @@ setuptools.setup(
     description="Multi-label image classification at scale: Beam preprocessing, TF training, servable models.",
     python_requires=">=3.11,<3.12",
     packages=setuptools.find_packages(include=["pipelines", "pipelines.*", "trainer", "trainer.*"]),
+    package_data={"trainer": ["imagenet_classes.txt"]},
     install_requires=REQUIRED,
     extras_require=EXTRAS,
 )
