@@ -29,6 +29,8 @@ EXTRAS = {
         "gcp-storage-emulator>=2024.8.3",
         "scikit-learn>=1.5",
         "scikit-image>=0.24",
+        # tests/test_deploy.py compiles the Vertex AI Pipelines definition.
+        "kfp>=2.17,<3",
     ],
 }
 

