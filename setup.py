@@ -19,6 +19,10 @@ REQUIRED = [
     "numpy>=1.26,<2.5",
     # The sample-data builder reads the real BigEarthNet patches shipped as LMDB.
     "lmdb>=1.4",
+    # 16-bit and 4-band TIFF chips (Planet) that Pillow cannot open.
+    "tifffile>=2023.1",
+    # The downloader streams bodies with a byte bound (urllib3 2.3+ read semantics).
+    "urllib3>=2.3,<3",
     # The evaluation report writes PNG plots.
     "matplotlib>=3.8",
 ]
@@ -26,6 +30,8 @@ REQUIRED = [
 EXTRAS = {
     "test": [
         "pytest>=8",
+        # The downloader's TLS test makes a self-signed certificate.
+        "cryptography",
         "gcp-storage-emulator>=2024.8.3",
         "scikit-learn>=1.5",
         "scikit-image>=0.24",

@@ -30,6 +30,12 @@ def redirect(location: str, status: int = 302) -> Response:
     return Response(status=status, headers={"Location": location})
 
 
+class _Server(http.server.ThreadingHTTPServer):
+    # A deep listen queue: concurrent-download tests open many connections at once.
+    request_queue_size = 64
+    daemon_threads = True
+
+
 class FaultServer:
     """Serves scripted responses; records every request path for assertions."""
 
@@ -38,10 +44,10 @@ class FaultServer:
         self._lock = threading.Lock()
         self.requests: list[str] = []
         handler = self._make_handler()
-        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self._httpd.daemon_threads = True
+        self._httpd = _Server(("127.0.0.1", 0), handler)
         self.port = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        # A short poll interval keeps shutdown (once per test) from costing half a second.
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

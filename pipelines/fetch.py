@@ -1,0 +1,476 @@
+"""Fetches the bytes behind one image URI, safely enough for URLs that users did not write.
+
+Manifests such as MovieGenre.csv come from the internet, so every URI is treated as hostile:
+- schemes: http, https, gs, and local paths only when they are relative to the manifest's folder
+  (or `allow_local_files`); `file://`, `ftp:`, `data:`, `javascript:` and the rest are refused;
+- addresses: every hop of a redirect chain is resolved and refused if any address is loopback,
+  link-local or a cloud metadata endpoint (unless allowed), unspecified, multicast or reserved.
+  Private ranges (10/8, 172.16/12, 192.168/16, fc00::/7) are ALLOWED on purpose: corporate image
+  servers live there. Run the job in a network that cannot reach what it must not (VPC rules).
+- the connection goes to the address that was checked (the IP is pinned; TLS still verifies the
+  certificate for the host name), so DNS rebinding between the check and the connect cannot
+  redirect a request to a blocked address;
+- size and time are bounded: Content-Length over `max_bytes` is refused before reading, the body is
+  streamed with a byte bound, every read has a time-out and the whole transfer a deadline.
+
+Everything here is plain Python that pickles: the urllib3 pool and the GCS client are created
+lazily once per process (and re-created after a fork), never pickled.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import email.utils
+import ipaddress
+import os
+import posixpath
+import random
+import socket
+import threading
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+
+import urllib3
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    IncompleteRead,
+    LocationValueError,
+    NewConnectionError,
+    ProtocolError,
+    SSLError,
+)
+from urllib3.util import parse_url
+
+USER_AGENT = "tagbeam/0.1"
+
+_REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+_CHUNK_BYTES = 64 * 1024
+# Upper bound on one back-off sleep, and on a Retry-After we are willing to wait for: a server
+# asking for minutes would stall a worker thread, so such rows fail now and can be re-run later.
+_MAX_SLEEP_S = 10.0
+# A host with many A/AAAA records is tried on its first few addresses only.
+_MAX_ADDRESSES = 4
+
+# Names that reach instance metadata (credentials!) on GCP, AWS and others; refused before any DNS
+# look-up. Their addresses are link-local too, except the ones listed below.
+_METADATA_NAMES = frozenset({
+    "metadata", "metadata.google.internal", "metadata.goog",
+    "instance-data", "instance-data.ec2.internal",
+})
+_METADATA_ADDRESSES = frozenset({
+    ipaddress.ip_address("169.254.169.254"),  # GCP, AWS, Azure, OCI (also link-local)
+    ipaddress.ip_address("fd00:ec2::254"),  # AWS IMDS over IPv6 (a private ULA address)
+    ipaddress.ip_address("100.100.100.200"),  # Alibaba Cloud (shared address space)
+})
+# "This network": Linux connects 0.x.x.x to the local host.
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchOptions:
+    timeout_s: float = 10.0  # connect and per-read time-out
+    max_bytes: int = 20 * 2**20  # bound on the body (streamed; reading stops beyond it)
+    max_redirects: int = 5
+    retries: int = 3  # on 5xx, 429, time-outs, resets, truncation; never on other 4xx
+    backoff_s: float = 0.5  # first back-off; doubles per retry with jitter, capped
+    allow_loopback: bool = False  # 127.0.0.0/8, ::1, localhost (tests set True)
+    allow_link_local: bool = False  # 169.254.0.0/16, fe80::/10 and cloud metadata names
+    allow_local_files: bool = False  # absolute local paths and file:// URIs from the manifest
+    # Bound on one whole transfer, so a server trickling bytes cannot hold a thread for hours.
+    transfer_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_s <= 0 or self.transfer_timeout_s <= 0:
+            raise ValueError("FetchOptions: timeout_s and transfer_timeout_s must be > 0")
+        if self.max_bytes <= 0:
+            raise ValueError(f"FetchOptions: max_bytes must be > 0, got {self.max_bytes}")
+        if self.max_redirects < 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError("FetchOptions: max_redirects, retries and backoff_s must be >= 0")
+
+
+class FetchError(Exception):
+    """A per-row fetch failure: `reason` is a short token for counters, `detail` is for people."""
+
+    def __init__(self, reason: str, detail: str, retryable: bool = False,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+        self.retryable = retryable
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self):  # keeps every field through pickling (Beam ships these between workers)
+        return type(self), (self.reason, self.detail, self.retryable, self.retry_after_s)
+
+
+def resolve_uri(uri: str, base: str | None) -> str:
+    """Returns `uri` made absolute: relative paths are joined to `base` (a local folder, gs:// or
+    http(s):// prefix). A relative path that climbs out of `base` with '..' is refused.
+
+    URIs with a scheme and absolute paths are returned unchanged; whether they may be read is
+    `fetch`'s decision. A relative name containing ':' must be written './name:x.jpg'.
+    """
+    text = uri.strip()
+    if not text:
+        raise FetchError("bad_uri", "empty image URI")
+    if urllib.parse.urlsplit(text).scheme or text.startswith("/"):
+        return text
+    if base is None:
+        raise FetchError("bad_uri", f"relative image path {text!r} but no base folder to resolve it "
+                                    "against; give absolute URIs or the manifest's/image root folder")
+    # Checked on the decoded form with both separators, as a web server or gs tool would see it.
+    seen = posixpath.normpath(urllib.parse.unquote(text).replace("\\", "/"))
+    if seen == ".." or seen.startswith("../"):
+        raise FetchError("escapes_base", f"relative image path {text!r} climbs out of {base!r} "
+                                         "with '..'; only files under the base folder may be read")
+    relative = posixpath.normpath(text)
+    if urllib.parse.urlsplit(base).scheme:
+        return base.rstrip("/") + "/" + relative
+    return os.path.join(os.path.abspath(base), relative)
+
+
+def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
+    """Returns the bytes behind `uri` (resolved against `base` first), retrying transient faults.
+
+    Local files are read when they lie under a local `base` (lexically: a symlink inside the base
+    folder is followed, since only the manifest, not the file system, is untrusted) or when
+    `options.allow_local_files` is set. Raises FetchError.
+    """
+    resolved = resolve_uri(uri, base)
+    read = _reader(resolved, base, options)
+    attempt = 0
+    while True:
+        try:
+            return read()
+        except FetchError as err:
+            if not err.retryable or attempt >= options.retries:
+                raise
+            time.sleep(_backoff_s(attempt, options, err.retry_after_s))
+            attempt += 1
+
+
+def fetch_many(uris: Sequence[str], options: FetchOptions, max_workers: int = 16,
+               base: str | None = None) -> list[bytes | FetchError]:
+    """Fetches concurrently on threads so that latency, not the CPU, overlaps; keeps input order.
+    Each failure is returned in its row's place as a FetchError rather than raised."""
+    def one(uri: str) -> bytes | FetchError:
+        try:
+            return fetch(uri, options, base)
+        except FetchError as err:
+            return err
+
+    if not uris:
+        return []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(max_workers, len(uris))) as pool:
+        return list(pool.map(one, uris))
+
+
+def _reader(resolved: str, base: str | None, options: FetchOptions) -> Callable[[], bytes]:
+    scheme = urllib.parse.urlsplit(resolved).scheme.lower()
+    if scheme in ("http", "https"):
+        return lambda: _get_http(resolved, options)
+    if scheme == "gs":
+        return lambda: _get_gcs(resolved, options)
+    if scheme == "file" and options.allow_local_files:
+        parts = urllib.parse.urlsplit(resolved)
+        if parts.netloc in ("", "localhost"):
+            return lambda: _read_local(urllib.request.url2pathname(parts.path), options)
+    if not scheme and (options.allow_local_files or _is_under_local_base(resolved, base)):
+        return lambda: _read_local(resolved, options)
+    what = f"scheme {scheme!r}" if scheme else "an absolute local path"
+    raise FetchError("blocked_scheme", f"{resolved!r} uses {what}, which is not allowed; use http(s):// "
+                                       "or gs://, paths relative to the manifest, or enable allow_local_files")
+
+
+def _is_under_local_base(path: str, base: str | None) -> bool:
+    if base is None or urllib.parse.urlsplit(base).scheme:
+        return False
+    root = os.path.normpath(os.path.abspath(base))
+    return os.path.normpath(path).startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _backoff_s(attempt: int, options: FetchOptions, retry_after_s: float | None) -> float:
+    if retry_after_s is not None:
+        return retry_after_s
+    # "Equal jitter": at least half the exponential step, so retries neither bunch nor collapse.
+    step = min(_MAX_SLEEP_S, options.backoff_s * 2**attempt)
+    return step / 2 + random.uniform(0, step / 2)
+
+
+# --- local files -----------------------------------------------------------------------------
+
+def _read_local(path: str, options: FetchOptions) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size > options.max_bytes:
+                raise _too_large(path, options)
+            data = f.read(options.max_bytes + 1)  # a device or growing file has no honest size
+    except FileNotFoundError:
+        raise FetchError("not_found", f"no such file: {path}") from None
+    except OSError as err:
+        raise FetchError("io_error", f"cannot read {path}: {err}") from None
+    if len(data) > options.max_bytes:
+        raise _too_large(path, options)
+    return data
+
+
+def _too_large(where: str, options: FetchOptions, size: int | None = None) -> FetchError:
+    size_text = f"is {size} bytes" if size is not None else "goes on"
+    return FetchError("too_large", f"{where} {size_text}, over the limit of {options.max_bytes} bytes "
+                                   "(raise the image size limit if such images are expected)")
+
+
+# --- http(s) ---------------------------------------------------------------------------------
+
+_pool_lock = threading.Lock()
+_pool: urllib3.PoolManager | None = None
+_pool_pid = -1
+
+
+def _http() -> urllib3.PoolManager:
+    global _pool, _pool_pid
+    with _pool_lock:
+        if _pool is None or _pool_pid != os.getpid():  # a forked child must not share sockets
+            # maxsize above fetch_many's default width, so parallel fetches from one host reuse
+            # their connections instead of discarding them.
+            _pool = urllib3.PoolManager(num_pools=64, maxsize=32, retries=False)
+            _pool_pid = os.getpid()
+        return _pool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    url: str
+    scheme: str
+    host: str  # as in the URL: lower-case, IDNA-encoded, IPv6 in brackets
+    port: int
+    request_uri: str
+    addresses: tuple[str, ...]
+
+
+def _get_http(url: str, options: FetchOptions) -> bytes:
+    """One attempt: follows redirects by hand so that every hop is checked like the first."""
+    for _ in range(options.max_redirects + 1):
+        target = _check_target(url, options)
+        response = _send(target, options)
+        complete = False
+        try:
+            if response.status in _REDIRECT_STATUSES:
+                location = response.headers.get("Location")
+                if not location:
+                    raise FetchError(f"http_{response.status}", f"redirect without Location from {url}")
+                url = urllib.parse.urljoin(url, location)
+                continue
+            if not 200 <= response.status < 300:
+                raise _status_error(response, url)
+            body = _read_body(response, url, options)
+            complete = True
+            return body
+        except (ProtocolError, urllib3.exceptions.TimeoutError, SSLError) as err:
+            raise _network_error(err, url) from None
+        finally:
+            if not complete:
+                # Unread bytes would poison a kept-alive connection: close it instead.
+                response.close()
+            response.release_conn()
+    raise FetchError("too_many_redirects", f"more than {options.max_redirects} redirects, last to {url}")
+
+
+def _check_target(url: str, options: FetchOptions) -> _Target:
+    try:
+        parsed = parse_url(url)
+    except LocationValueError as err:
+        raise FetchError("bad_uri", f"cannot parse URL {url!r}: {err}") from None
+    scheme = (parsed.scheme or "").lower()
+    if scheme not in ("http", "https"):
+        raise FetchError("blocked_scheme", f"redirect to {url!r}: only http and https may be followed")
+    if not parsed.host:
+        raise FetchError("bad_uri", f"URL without a host: {url!r}")
+    port = parsed.port or (443 if scheme == "https" else 80)
+    addresses = _allowed_addresses(parsed.host, port, options)
+    return _Target(url, scheme, parsed.host, port, parsed.request_uri, addresses)
+
+
+def _allowed_addresses(host: str, port: int, options: FetchOptions) -> tuple[str, ...]:
+    name = host.strip("[]").rstrip(".")
+    if name in _METADATA_NAMES and not options.allow_link_local:
+        raise FetchError("blocked_address", f"{host} is a cloud metadata endpoint")
+    if (name == "localhost" or name.endswith(".localhost")) and not options.allow_loopback:
+        raise FetchError("blocked_address", f"{host} is the local host")
+    try:
+        infos = socket.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as err:
+        transient = isinstance(err, socket.gaierror) and err.errno == socket.EAI_AGAIN
+        raise FetchError("dns", f"cannot resolve {host}: {err}", retryable=transient) from None
+    addresses = tuple(dict.fromkeys(str(info[4][0]) for info in infos))
+    for address in addresses:  # all, not just the first: the connection may use any of them
+        why = _blocked_because(ipaddress.ip_address(address), options)
+        if why:
+            shown = host if host.strip("[]") == address else f"{host} resolves to {address},"
+            raise FetchError("blocked_address", f"{shown} {why}")
+    return addresses[:_MAX_ADDRESSES]
+
+
+def _blocked_because(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, options: FetchOptions) -> str | None:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None if options.allow_loopback else "a loopback address"
+    if ip.is_link_local or ip in _METADATA_ADDRESSES:
+        return None if options.allow_link_local else "a link-local or cloud metadata address"
+    if ip.is_unspecified or ip in _THIS_NETWORK:
+        return "an unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if isinstance(ip, ipaddress.IPv4Address) and ip.is_reserved:
+        return "a reserved address"
+    return None
+
+
+def _send(target: _Target, options: FetchOptions) -> urllib3.BaseHTTPResponse:
+    """Sends the GET to the checked addresses in turn (the first that accepts a connection wins)."""
+    default_port = 443 if target.scheme == "https" else 80
+    host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
+    headers = {"Host": host_header, "User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.8",
+               "Accept-Encoding": "identity"}
+    tls = None
+    if target.scheme == "https":
+        # SNI and certificate checks use the name, while the socket goes to the pinned address.
+        name = target.host.strip("[]")
+        tls = {"server_hostname": name, "assert_hostname": name}
+    timeout = urllib3.Timeout(connect=options.timeout_s, read=options.timeout_s)
+    failure: Exception | None = None
+    for address in target.addresses:
+        pool = _http().connection_from_host(address, target.port, target.scheme, pool_kwargs=tls)
+        try:
+            return pool.urlopen("GET", target.request_uri, headers=headers, redirect=False,
+                                retries=False, preload_content=False, timeout=timeout,
+                                assert_same_host=False)
+        except ConnectTimeoutError as err:  # includes refused connections: try the next address
+            failure = err
+        except (ProtocolError, urllib3.exceptions.TimeoutError, SSLError) as err:
+            raise _network_error(err, target.url) from None
+    assert failure is not None
+    raise _network_error(failure, target.url)
+
+
+def _network_error(err: Exception, url: str) -> FetchError:
+    if isinstance(err, SSLError):
+        return FetchError("tls", f"TLS failure for {url}: {err}")
+    if isinstance(err, ProtocolError) and any(isinstance(a, IncompleteRead) for a in err.args):
+        return FetchError("truncated", f"connection closed before the whole body of {url}: {err}",
+                          retryable=True)
+    if isinstance(err, (ProtocolError, NewConnectionError)):
+        return FetchError("connection", f"connection failed for {url}: {err}", retryable=True)
+    return FetchError("timeout", f"no answer within the time-out from {url}: {err}", retryable=True)
+
+
+def _status_error(response: urllib3.BaseHTTPResponse, url: str) -> FetchError:
+    status = response.status
+    detail = f"HTTP {status}{' ' + response.reason if response.reason else ''} from {url}"
+    if status != 429 and status < 500:
+        return FetchError(f"http_{status}", detail)
+    wait = _retry_after_s(response.headers.get("Retry-After"))
+    if wait is not None and wait > _MAX_SLEEP_S:
+        return FetchError(f"http_{status}", f"{detail}; server asks to retry after {wait:.0f} s, "
+                                            "longer than a worker should wait")
+    return FetchError(f"http_{status}", detail, retryable=True, retry_after_s=wait)
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _read_body(response: urllib3.BaseHTTPResponse, url: str, options: FetchOptions) -> bytes:
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > options.max_bytes:
+        raise _too_large(url, options, int(declared))
+    deadline = time.monotonic() + options.transfer_timeout_s
+    chunks: list[bytes] = []
+    size = 0
+    # read1 returns whatever one socket read gives, so the deadline is checked even when a
+    # server trickles bytes slower than a chunk per time-out.
+    while chunk := response.read1(_CHUNK_BYTES):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > options.max_bytes:
+            raise _too_large(url, options)
+        if time.monotonic() > deadline:
+            raise FetchError("timeout", f"{url} took longer than {options.transfer_timeout_s} s",
+                             retryable=True)
+    # urllib3 enforces Content-Length itself; this guards the case where it does not raise.
+    if declared.isdigit() and size < int(declared):
+        raise FetchError("truncated", f"{url}: got {size} of {declared} bytes", retryable=True)
+    return b"".join(chunks)
+
+
+# --- gs:// -----------------------------------------------------------------------------------
+
+_gcs_lock = threading.Lock()
+_gcs_client = None
+_gcs_key: tuple[int, str | None] | None = None
+
+
+def _gcs():
+    """One google-cloud-storage client per process (per emulator setting, for tests)."""
+    global _gcs_client, _gcs_key
+    from google.cloud import storage
+
+    key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
+    with _gcs_lock:
+        if _gcs_client is None or _gcs_key != key:
+            if key[1]:
+                from google.auth.credentials import AnonymousCredentials
+
+                _gcs_client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
+                                             credentials=AnonymousCredentials())
+            else:
+                # Missing credentials raise here, as a configuration error rather than a row fault.
+                _gcs_client = storage.Client()
+            _gcs_key = key
+        return _gcs_client
+
+
+def _get_gcs(uri: str, options: FetchOptions) -> bytes:
+    import requests
+    from google.api_core import exceptions as gexc
+    from google.resumable_media import DataCorruption
+
+    bucket_name, _, name = uri[len("gs://"):].partition("/")
+    if not bucket_name or not name:
+        raise FetchError("bad_uri", f"{uri!r} is not gs://bucket/object")
+    try:
+        # retry=None: the one retry policy is fetch()'s, the same for every scheme.
+        blob = _gcs().bucket(bucket_name).get_blob(name, timeout=options.timeout_s, retry=None)
+        if blob is None:
+            raise FetchError("not_found", f"no such object: {uri}")
+        if blob.size is not None and blob.size > options.max_bytes:
+            raise _too_large(uri, options, blob.size)
+        # Pinned to the generation whose size was checked: a replaced object fails with 412 (retried).
+        return blob.download_as_bytes(timeout=options.timeout_s, retry=None,
+                                      if_generation_match=blob.generation)
+    except gexc.NotFound:
+        raise FetchError("not_found", f"no such object: {uri}") from None
+    except gexc.GoogleAPICallError as err:
+        code = int(err.code or 0)
+        transient = code in (408, 412, 429) or code >= 500
+        raise FetchError(f"http_{code}", f"GCS error for {uri}: {err.message}", retryable=transient) from None
+    except DataCorruption as err:
+        raise FetchError("truncated", f"checksum mismatch downloading {uri}: {err}", retryable=True) from None
+    except requests.exceptions.Timeout as err:
+        raise FetchError("timeout", f"no answer within the time-out from GCS for {uri}: {err}",
+                         retryable=True) from None
+    except requests.exceptions.ConnectionError as err:
+        raise FetchError("connection", f"connection to GCS failed for {uri}: {err}", retryable=True) from None
+
