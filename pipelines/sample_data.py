@@ -307,9 +307,8 @@ def _size(text: str) -> tuple[int, int]:
     return width, height
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; the defaults are the datasets the project embeds."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.sample_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, type=Path, help="directory to build into")
     parser.add_argument("--posters", type=int, default=5000, help="train-side posters (Fashion-MNIST train)")
     parser.add_argument("--heldout_posters", type=int, default=1000, help="held-out posters (Fashion-MNIST t10k)")
@@ -318,7 +317,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--chips", dest="chips", action="store_true", default=True,
                         help="build the BigEarthNet chips (default)")
     parser.add_argument("--no_chips", dest="chips", action="store_false", help="skip the chips")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; the defaults are the datasets the project embeds."""
+    args = build_parser().parse_args(argv)
     build(args.output, args.posters, args.heldout_posters, args.poster_size, args.seed, args.chips)
     return 0
 

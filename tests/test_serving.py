@@ -1,0 +1,209 @@
+"""The serving SavedModel: signature, assets, layout, and a fresh-process reload with TensorFlow only."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+import sysconfig
+import textwrap
+
+import numpy as np
+import pytest
+import skimage.data
+import tensorflow as tf
+import tensorflow_hub as hub
+import tf_keras
+from backbone_factory import write_backbone
+from PIL import Image, ImageOps
+
+from trainer.serving import export_model, preprocess_image_bytes
+
+LABELS = ["cat", "coffee", "outdoor", "person"]
+SIZE = 64  # small: the tiny backbone accepts any size, and serving cost is not under test here
+
+
+def _encode(array: np.ndarray, fmt: str, **options) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, fmt, **options)
+    return out.getvalue()
+
+
+def build_model(backbone: str, num_labels: int, image_size: int) -> tf_keras.Model:
+    """A tf_keras model around a hub.KerasLayer, built under a 2-replica MirroredStrategy as in training."""
+    # ReductionToOneDevice: see tests/test_losses.py::_strategy (collective-key clashes between strategies).
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
+    with strategy.scope():
+        tf_keras.utils.set_random_seed(0)
+        images = tf_keras.Input([image_size, image_size, 3])
+        features = hub.KerasLayer(backbone, trainable=False)(images)
+        logits = tf_keras.layers.Dense(num_labels, bias_initializer=tf_keras.initializers.Constant(0.0))(features)
+        model = tf_keras.Model(images, logits)
+    assert isinstance(model.trainable_variables[0], tf.distribute.DistributedValues)
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    model = build_model(write_backbone(str(root / "backbone")), len(LABELS), SIZE)
+    images = {
+        "chelsea.jpg": _encode(skimage.data.chelsea(), "JPEG", quality=90),
+        "coffee.png": _encode(skimage.data.coffee(), "PNG"),
+    }
+    batch = tf.constant(list(images.values()))
+    probs = tf.sigmoid(model(preprocess_image_bytes(batch, SIZE, "crop"))).numpy()
+    # Halfway between the two images' probabilities: each label is predicted for exactly one image.
+    assert np.all(np.abs(probs[0] - probs[1]) > 1e-3), probs
+    thresholds = ((probs[0] + probs[1]) / 2).astype(np.float32)
+    path = export_model(model, str(root / "export"), LABELS, thresholds, SIZE, "crop", version=7)
+    return {"root": root, "path": path, "model": model, "images": images, "probs": probs, "thresholds": thresholds}
+
+
+def test_export_layout_and_assets(exported):
+    path = exported["path"]
+    assert path == str(exported["root"] / "export" / "7")
+    assert sorted(os.listdir(exported["root"] / "export")) == ["7"]  # the staging folder was renamed away
+    assert {"saved_model.pb", "variables", "assets"} <= set(os.listdir(path))
+    assets = exported["root"] / "export" / "7" / "assets"
+    assert (assets / "labels.txt").read_text().splitlines() == LABELS
+    mapping = json.loads((assets / "thresholds.json").read_text())["thresholds"]
+    assert list(mapping) == LABELS
+    np.testing.assert_allclose(list(mapping.values()), exported["thresholds"], rtol=1e-6)
+    size_kib = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs) / 1024
+    assert size_kib < 2048, f"export is {size_kib:.0f} KiB: the Keras model or backbone was serialised twice?"
+
+
+def test_signature_names_shapes_and_dtypes(exported):
+    signature = tf.saved_model.load(exported["path"]).signatures["serving_default"]
+    args, kwargs = signature.structured_input_signature
+    assert args == () and list(kwargs) == ["image_bytes"]
+    assert kwargs["image_bytes"] == tf.TensorSpec([None], tf.string, name="image_bytes")
+    outputs = signature.structured_outputs
+    assert sorted(outputs) == ["predicted", "predicted_labels", "probabilities"]
+    assert (outputs["probabilities"].dtype, outputs["predicted_labels"].dtype, outputs["predicted"].dtype) == (
+        tf.float32, tf.string, tf.int32)
+    assert all(spec.shape.as_list() == [None, len(LABELS)] for spec in outputs.values())
+
+
+_FRESH_PROCESS = textwrap.dedent(
+    """
+    import base64, json, sys
+    # Started with -I -S: no site module, so no .pth files and no editable install of this
+    # project; only the venv's site-packages directory is put back, for TensorFlow itself.
+    sys.path.append(sys.argv[1])
+    try:
+        import trainer  # noqa: F401
+        project_importable = True
+    except ImportError:
+        project_importable = False
+    import tensorflow as tf
+
+    before = set(sys.modules)
+    loaded = tf.saved_model.load(sys.argv[2])
+    serve = loaded.signatures["serving_default"]
+    request = json.load(open(sys.argv[3]))
+
+    def as_tensor_input(value):
+        # What TF Serving's REST front end does with {"b64": ...}: base64-decode to raw bytes.
+        return base64.b64decode(value["b64"]) if isinstance(value, dict) and set(value) == {"b64"} else value
+
+    instances = [{name: as_tensor_input(v) for name, v in instance.items()} for instance in request["instances"]]
+    outputs = serve(image_bytes=tf.constant([instance["image_bytes"] for instance in instances]))
+    print(json.dumps({
+        "project_importable": project_importable,
+        "loaded_modules": sorted({m.split(".")[0] for m in set(sys.modules) - before} & {"tensorflow_hub", "tf_keras", "keras"}),
+        "hub_or_tf_keras": sorted(m for m in ("tensorflow_hub", "tf_keras") if m in sys.modules),
+        "probabilities": outputs["probabilities"].numpy().tolist(),
+        "predicted": outputs["predicted"].numpy().tolist(),
+        "predicted_labels": [[s.decode() for s in row] for row in outputs["predicted_labels"].numpy()],
+        "labels_asset": open(loaded.labels_file.asset_path.numpy().decode()).read(),
+    }))
+    """
+)
+
+
+def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(exported, tmp_path):
+    request = {"instances": [{"image_bytes": {"b64": base64.b64encode(data).decode("ascii")}}
+                             for data in exported["images"].values()]}
+    request_path = tmp_path / "request.json"
+    request_path.write_text(json.dumps(request))
+    site_packages = sysconfig.get_paths()["purelib"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    done = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _FRESH_PROCESS, site_packages, exported["path"], str(request_path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["project_importable"] is False
+    # TensorFlow may pull in Keras 3 by itself; loading and serving must add no Keras or hub.
+    assert result["loaded_modules"] == [] and result["hub_or_tf_keras"] == [], result
+    assert result["labels_asset"].splitlines() == LABELS
+    probs = np.array(result["probabilities"])
+    np.testing.assert_allclose(probs, exported["probs"], atol=1e-5)
+    expected = probs >= exported["thresholds"]
+    assert np.array_equal(np.array(result["predicted"]), expected.astype(int))
+    assert result["predicted_labels"] == [[name if chosen else "" for name, chosen in zip(LABELS, row)] for row in expected]
+    assert expected.any(axis=1).all() and (~expected).any(axis=1).all()  # mixed predictions: the check has teeth
+
+
+def test_versions_increase_and_are_never_overwritten(exported, tmp_path):
+    model, thresholds = exported["model"], exported["thresholds"]
+    base = tmp_path / "export"
+    (base / "9999999999").mkdir(parents=True)  # a version from "the future": the next one must be above it
+    (base / "notes").mkdir()
+    latest = export_model(model, str(base), LABELS, thresholds, SIZE, "crop")
+    assert os.path.basename(latest) == "10000000000"
+    with pytest.raises(FileExistsError, match="10000000000 already exists"):
+        export_model(model, str(base), LABELS, thresholds, SIZE, "crop", version=10000000000)
+    with pytest.raises(ValueError, match="4 outputs, but got 3 labels"):
+        export_model(model, str(base), LABELS[:3], thresholds[:3], SIZE, "crop")
+    assert sorted(os.listdir(base)) == ["10000000000", "9999999999", "notes"]
+
+
+def test_preprocess_batches_mixed_formats_and_rejects_bad_input():
+    photo = skimage.data.astronaut()[::4, ::4]
+    grey_alpha = np.dstack([photo[..., 0], np.full(photo.shape[:2], 128, np.uint8)])
+    batch = [_encode(photo, "JPEG"), _encode(photo, "PNG"), _encode(photo, "GIF"), _encode(photo, "BMP"),
+             _encode(grey_alpha, "PNG")]
+    out = preprocess_image_bytes(tf.constant(batch), 32, "pad")
+    assert out.shape == (5, 32, 32, 3) and out.dtype == tf.float32
+    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    # Half-transparent grey on white: every pixel at least halfway to white.
+    assert float(tf.reduce_min(out[4])) >= 0.49
+    assert preprocess_image_bytes(tf.constant([], tf.string), 32, "squash").shape == (0, 32, 32, 3)
+    with pytest.raises(ValueError, match="Unknown resize policy 'stretch'"):
+        preprocess_image_bytes(tf.constant(batch[:1]), 32, "stretch")
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        preprocess_image_bytes(tf.constant([b"not an image"]), 32, "squash")
+
+
+def _with_exif_orientation(jpeg: bytes, orientation: int, big_endian: bool) -> bytes:
+    """Inserts an APP1/Exif segment with one IFD0 entry, after the JFIF APP0 segment."""
+    order, u16, u32 = (b"MM", ">H", ">I") if big_endian else (b"II", "<H", "<I")
+    tiff = order + struct.pack(u16, 42) + struct.pack(u32, 8) + struct.pack(u16, 1)
+    tiff += struct.pack(u16, 0x0112) + struct.pack(u16, 3) + struct.pack(u32, 1) + struct.pack(u16, orientation) + b"\0\0"
+    tiff += struct.pack(u32, 0)
+    payload = b"Exif\0\0" + tiff
+    app1 = b"\xff\xe1" + struct.pack(">H", len(payload) + 2) + payload
+    app0_end = 4 + struct.unpack(">H", jpeg[4:6])[0]
+    assert jpeg[2:4] == b"\xff\xe0"
+    return jpeg[:app0_end] + app1 + jpeg[app0_end:]
+
+
+def test_exif_orientation_is_applied_like_pillow():
+    photo = skimage.data.chelsea()[::2, ::3]  # 150 x 151: not square, so a wrong rotation shows
+    plain = _encode(photo, "JPEG", quality=92)
+    cases = [(o, big) for o in range(1, 9) for big in (False, True)]
+    batch = [_with_exif_orientation(plain, o, big) for o, big in cases]
+    got = preprocess_image_bytes(tf.constant(batch), 48, "squash").numpy()
+    for (orientation, big_endian), data, image in zip(cases, batch, got):
+        upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
+        expected = np.round(tf.image.resize(upright / 255.0, [48, 48], antialias=True).numpy() * 255) / 255
+        # Serving rounds to 8 bits like a stored image: at most a level apart where a value sits on .5.
+        assert np.abs(image - expected).max() < 1.001 / 255, f"orientation {orientation}, big endian {big_endian}"
