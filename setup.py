@@ -10,6 +10,8 @@ import setuptools
 REQUIRED = [
     "tensorflow>=2.21,<2.22",
     "tf-keras>=2.21,<2.22",
+    # tf_keras' TensorBoard callback needs it and TensorFlow 2.21 no longer pulls it in.
+    "tensorboard>=2.21,<2.22",
     "tensorflow-hub==0.16.1",
     "tensorflow-transform>=1.21,<1.22",
     "apache-beam[gcp]>=2.77,<2.78",

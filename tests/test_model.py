@@ -1,0 +1,106 @@
+"""trainer.model: strategy set-up, backbone loading and checks, head, distributed batch runs.
+
+conftest.py has split the CPU into 2 logical devices, so every strategy here has 2 replicas.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tf_keras
+
+from backbone_factory import write_backbone
+from dataset_factory import write_dataset
+from trainer import data, model as model_lib
+
+LABELS = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def strategy() -> tf.distribute.MirroredStrategy:
+    return model_lib.setup_strategy(2)
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return write_backbone(str(tmp_path_factory.mktemp("bb") / "any_size"))
+
+
+def test_strategy_accepts_an_already_split_cpu(strategy, caplog) -> None:
+    assert strategy.num_replicas_in_sync == 2
+    with caplog.at_level(logging.WARNING, logger="trainer.model"):
+        again = model_lib.setup_strategy(3)  # too late to re-split: must not fail
+    assert again.num_replicas_in_sync == 2
+    assert "already split into 2 logical devices" in caplog.text
+
+
+def test_fixed_size_backbone_refuses_other_image_sizes(strategy, tmp_path) -> None:
+    path = write_backbone(str(tmp_path / "fixed32"), input_size=32)
+    with strategy.scope():
+        backbone = model_lib.load_backbone(path)
+    assert backbone.fixed_size == 32 and backbone.info["input_size"] == 32
+    model_lib.check_image_size(backbone, 32)
+    with pytest.raises(model_lib.BackboneError, match=r"--hub_handle .*fixed32 takes 32x32 .* 48x48.*--image_size 32"):
+        model_lib.check_image_size(backbone, 48)
+
+
+def test_any_size_backbone_only_warns_off_its_nominal_size(strategy, backbone_dir, caplog) -> None:
+    with strategy.scope():
+        backbone = model_lib.load_backbone(backbone_dir)
+    assert backbone.fixed_size is None and backbone.nominal_size == 224
+    with caplog.at_level(logging.WARNING, logger="trainer.model"):
+        model_lib.check_image_size(backbone, 48)
+    assert "trained at 224x224" in caplog.text
+    assert isinstance(backbone.layer.weights[0], tf.distribute.DistributedValues)  # created in the scope: mirrored
+
+
+@pytest.mark.parametrize("handle", [
+    "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
+    "/nonexistent/backbone",
+])
+def test_unreachable_handle_names_the_flag_and_the_way_out(strategy, handle) -> None:
+    with strategy.scope(), pytest.raises(model_lib.BackboneError) as caught:
+        model_lib.load_backbone(handle)
+    message = str(caught.value)
+    assert message.startswith(f"--hub_handle {handle} cannot be loaded")
+    assert "omit --hub_handle to use the embedded MobileNetV2" in message and "local" in message
+    assert "\n" not in message
+
+
+def test_batch_runner_keeps_outputs_aligned_on_both_replicas(strategy, backbone_dir, tmp_path) -> None:
+    root = write_dataset(str(tmp_path / "ds"), {"val": 36}, 24, LABELS, seed=2, shards=3)
+    info = data.read_dataset_info(root)
+    with strategy.scope():
+        backbone = model_lib.load_backbone(backbone_dir)
+    # 36 = 4 x 8 + 4: the short last batch is padded to 8 and the padding dropped again.
+    features, labels = model_lib.BatchRunner(strategy, backbone.features, 8)(data.image_dataset(info, "val", 8))
+    images, expected_labels = next(iter(data.image_dataset(info, "val", 36)))
+    plain = tf.saved_model.load(backbone_dir)  # a second copy, outside any strategy
+    np.testing.assert_allclose(features, plain(images, False).numpy(), atol=1e-5)
+    np.testing.assert_array_equal(labels, expected_labels.numpy())
+    assert model_lib.feature_dim(strategy, backbone, 24) == features.shape[1] == 48
+    assert tuple(strategy.run(backbone.features, args=(tf.zeros([0, 24, 24, 3]),)).values[0].shape) == (0, 48)
+
+
+def test_fine_tuning_updates_only_the_top_backbone_variables(strategy, tmp_path) -> None:
+    path = write_backbone(str(tmp_path / "tunable"))
+    root = write_dataset(str(tmp_path / "ds"), {"train": 16}, 16, LABELS, seed=4)
+    info = data.read_dataset_info(root)
+    with strategy.scope():
+        backbone = model_lib.load_backbone(path, trainable=True)
+        head = model_lib.build_head(48, len(LABELS), hidden_units=8, seed=0)
+        model = model_lib.build_classifier(backbone, head, 16, model_lib.FineTuneModel)
+        tuned = model_lib.top_variables(backbone, 2)
+        model.configure_fine_tuning(head.trainable_variables, tuned, tf_keras.optimizers.Adam(1e-2))
+        model.compile(tf_keras.optimizers.Adam(1e-2), loss=tf_keras.losses.BinaryCrossentropy(from_logits=True))
+    before = [v.numpy().copy() for v in backbone.loaded.trainable_variables]
+    head_before = [v.numpy().copy() for v in head.trainable_variables]
+    model.fit(data.image_dataset(info, "train", 8, training=True, seed=0), epochs=1, verbose=0)
+    after = [v.numpy() for v in backbone.loaded.trainable_variables]
+    changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
+    assert changed == [False, False, True, True]  # kernel1, bias1 frozen; kernel2, bias2 tuned
+    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(head_before, head.trainable_variables))
+    with pytest.raises(model_lib.BackboneError, match="--fine_tune_layers 5: .* only 4 trainable variables"):
+        model_lib.top_variables(backbone, 5)
