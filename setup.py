@@ -16,6 +16,8 @@ REQUIRED = [
     "tensorflow-transform>=1.21,<1.22",
     "apache-beam[gcp]>=2.77,<2.78",
     "google-cloud-storage>=3.0,<4",
+    # TFRecord checksums of the shard writer.
+    "google-crc32c>=1.5",
     "pyarrow>=18,<26",
     "pillow>=12.1.1,<13",
     "numpy>=1.26,<2.5",

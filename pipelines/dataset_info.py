@@ -1,0 +1,198 @@
+"""The dataset directory's metadata: dataset.json (the commit marker), labels.txt, the dead letter.
+
+All paths go through Beam's FileSystems, so local folders, gs:// and GCS emulators behave alike.
+dataset.json is built from what the pipeline itself wrote (shard stats, the rejected records, the
+count of input rows), not from metrics, which some runners report late or not at all.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.manifests import UsageError
+from pipelines.splits import SPLITS
+
+FORMAT_VERSION = 1
+DATASET_JSON = "dataset.json"
+LABELS_TXT = "labels.txt"
+TRANSFORM_OUTPUT = "transform_output"
+REJECTED_PREFIX = "rejected"
+_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, "*.tfrecord.gz", f"{REJECTED_PREFIX}-*.jsonl", "*.tmp-*")
+
+
+class InvariantError(RuntimeError):
+    """The pipeline lost or duplicated rows: a bug, never the user's fault."""
+
+
+def join(folder: str, name: str) -> str:
+    return f"{folder.rstrip('/')}/{name}"
+
+
+def _matches(pattern: str) -> list[str]:
+    try:
+        return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    except Exception:  # noqa: BLE001 - BeamIOError when the folder itself does not exist
+        return []
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    """Writes a small file whole: to a temporary name, then renamed into place."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with FileSystems.create(tmp) as out:
+        out.write(data)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([tmp], [path])
+    return path
+
+
+def write_json(path: str, obj: Any) -> str:
+    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
+
+
+def read_json(path: str) -> Any:
+    with FileSystems.open(path) as handle:
+        return json.loads(handle.read().decode("utf-8"))
+
+
+def prepare_output(output: str, overwrite: bool) -> None:
+    """Refuses an output folder that holds a dataset unless `overwrite`; clears our files either way.
+
+    dataset.json goes first, so an interrupted clean-up never leaves a folder that looks complete.
+    Left-overs of a failed run (transform output, a dead letter, temporary files) are replaced
+    silently; shards or a dataset.json are only replaced with --overwrite.
+    """
+    if not overwrite and (_matches(join(output, DATASET_JSON)) or _matches(join(output, "*.tfrecord.gz"))):
+        raise UsageError(f"--output {output} already holds a dataset (dataset.json or shards); pass --overwrite "
+                         "to replace it, or choose another --output")
+    for pattern in _OUTPUT_PATTERNS:
+        found = _matches(join(output, pattern))
+        if found:
+            FileSystems.delete(found)
+    remove_tree(join(output, TRANSFORM_OUTPUT))
+    if "://" not in output:
+        os.makedirs(output, exist_ok=True)
+
+
+def copy_tree(local_dir: str, destination: str) -> None:
+    """Copies a local folder to any Beam file system (used for the TFT output; see preprocess)."""
+    for folder, _, files in os.walk(local_dir):
+        for name in files:
+            source = os.path.join(folder, name)
+            relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
+            with open(source, "rb") as f:
+                data = f.read()
+            with FileSystems.create(join(destination, relative)) as out:
+                out.write(data)
+
+
+def remove_tree(folder: str) -> None:
+    """Deletes a folder and everything in it, if it exists (local or any Beam file system)."""
+    if "://" not in folder:
+        shutil.rmtree(folder, ignore_errors=True)
+    elif _matches(join(folder, "**")):
+        FileSystems.delete([folder.rstrip("/") + "/"])
+
+
+def remove_temporaries(output: str) -> None:
+    """Temporary files of retried or killed writers (`*.tmp-<uuid>`)."""
+    found = _matches(join(output, "*.tmp-*"))
+    if found:
+        FileSystems.delete(found)
+
+
+def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+    mine = sorted((s for s in shards if s["split"] == split), key=lambda s: s["index"])
+    counts = [0] * len(labels)
+    for shard in mine:
+        counts = [a + b for a, b in zip(counts, shard["label_counts"])]
+    return {"examples": sum(s["examples"] for s in mine), "shards": len(mine), "files": [s["file"] for s in mine],
+            "bytes": sum(s["bytes"] for s in mine), "label_counts": dict(zip(labels, counts))}
+
+
+def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: dict[str, int],
+               shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], options: dict[str, Any],
+               created: str | None = None) -> dict[str, Any]:
+    """The dataset.json record of docs/dataset.md. Raises InvariantError if rows were lost."""
+    splits = {split: split_summary(split, shards, labels) for split in SPLITS}
+    for split, summary in splits.items():
+        expected = {s["num_shards"] for s in shards if s["split"] == split}
+        if expected and expected != {summary["shards"]}:
+            raise InvariantError(f"split {split}: wrote {summary['shards']} shard files of {sorted(expected)}")
+    examples = sum(s["examples"] for s in splits.values())
+    rejected = sum(rejected_by_reason.values())
+    if input_rows != examples + rejected:
+        raise InvariantError(f"row accounting failed: input_rows {input_rows} != examples {examples} "
+                             f"+ rejected {rejected} (by split: "
+                             f"{ {k: v['examples'] for k, v in splits.items()} }); this is a bug, please report it")
+    return {
+        "format_version": FORMAT_VERSION,
+        "labels": list(labels),
+        "num_labels": len(labels),
+        "image_size": options["image_size"],
+        "image_format": options["image_format"],
+        "jpeg_quality": options["jpeg_quality"],
+        "resize_policy": options["resize_policy"],
+        "splits": splits,
+        "input_rows": input_rows,
+        "rejected": rejected,
+        "rejected_by_reason": dict(sorted(rejected_by_reason.items())),
+        "rejected_files": sorted(os.path.basename(f) for f in rejected_files),
+        "unlabeled_policy": options["unlabeled"],
+        "options": options,
+        "created": created or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def commit(_: Any, *, output: str, labels: Sequence[str], options: dict[str, Any], input_rows: int,
+           rejected_by_reason: dict[str, int], shards: Sequence[dict[str, Any]],
+           rejected_files: Sequence[str]) -> dict[str, Any]:
+    """Writes labels.txt, then dataset.json, last. Runs after every shard and dead-letter file is
+    final, because their outputs are its side inputs."""
+    info = build_info(labels=labels, input_rows=input_rows, rejected_by_reason=rejected_by_reason,
+                      shards=shards, rejected_files=rejected_files, options=options)
+    write_bytes(join(output, LABELS_TXT), "".join(f"{label}\n" for label in labels).encode("utf-8"))
+    write_json(join(output, DATASET_JSON), info)
+    return info
+
+
+class CommitDataset(beam.PTransform):
+    """Side inputs: input row count, rejected counts by "stage:reason", shard stats, dead-letter files."""
+
+    def __init__(self, output: str, labels: Sequence[str], options: dict[str, Any]) -> None:
+        super().__init__()
+        self._output, self._labels, self._options = output, list(labels), options
+
+    def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
+        return (inputs["input_rows"].pipeline
+                | "Once" >> beam.Create([None])
+                | "Commit" >> beam.Map(
+                    commit, output=self._output, labels=self._labels, options=self._options,
+                    input_rows=beam.pvalue.AsSingleton(inputs["input_rows"]),
+                    rejected_by_reason=beam.pvalue.AsDict(inputs["rejected_by_reason"]),
+                    shards=beam.pvalue.AsList(inputs["shards"]),
+                    rejected_files=beam.pvalue.AsList(inputs["rejected_files"])))
+
+
+def summary_table(info: dict[str, Any], seconds: float, counters: dict[str, int]) -> str:
+    """A plain-text report: outcomes, splits, time and throughput."""
+    written = sum(s["examples"] for s in info["splits"].values())
+    lines = [f"{'outcome':<40} {'rows':>10}", f"{'input rows':<40} {info['input_rows']:>10}",
+             f"{'examples written':<40} {written:>10}"]
+    lines += [f"  {split:<38} {s['examples']:>10}  ({s['shards']} shards, {s['bytes'] / 2**20:.1f} MiB)"
+              for split, s in info["splits"].items()]
+    lines.append(f"{'rejected':<40} {info['rejected']:>10}")
+    lines += [f"  {reason:<38} {n:>10}" for reason, n in info["rejected_by_reason"].items()]
+    if counters:
+        lines.append("counters (tagbeam):")
+        lines += [f"  {name:<38} {n:>10}" for name, n in sorted(counters.items())]
+    lines.append(f"{info['num_labels']} labels; {seconds:.1f} s; {written / max(seconds, 1e-9):.1f} images/s")
+    return "\n".join(lines)

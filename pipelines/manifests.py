@@ -1,0 +1,517 @@
+"""Reads the supported manifest formats into rows: (file, row, id, uri, labels).
+
+Formats (docs/dataset.md names the ids each produces):
+- ``movie_genre``: Kaggle's MovieGenre.csv (``imdbId,Imdb Link,Title,IMDB Score,Genre,Poster``,
+  genres joined by ``|``, Poster = image URL). The real file mixes UTF-8 and Latin-1/CP1252 titles.
+- ``planet``: Kaggle's ``train_v2.csv`` (``image_name,tags``, tags joined by spaces) plus an image
+  root holding ``<image_name>.<ext>``.
+- ``voc``: a VOC2012 root: ``Annotations/<id>.xml`` give the set of ``object/name`` per image,
+  ``JPEGImages/<filename>`` the image, ``ImageSets/Main/<set>.txt`` an optional subset.
+- ``generic``: CSV, JSONL or Parquet with a URI column, a labels column (a list or a delimited
+  string) and an optional id column (default: the URI as written in the manifest).
+
+How files are read, and why: every manifest file is parsed whole by one DoFn call (files are spread
+over workers, rows are not). Splitting a CSV by lines is unsafe here: quoted fields may hold
+newlines, and MovieGenre.csv's encoding has to be decided per line, which only a reader that sees
+every line in order can do while keeping row numbers. JSONL and Parquet are read the same way
+because the dead-letter record needs each row's 1-based number within its file, which splittable
+reads (ReadFromText, ReadFromParquet) do not provide. Manifests are small next to their images
+(MovieGenre.csv: 40k rows, 8 MB), and downstream stages are reshuffled, so the images are still
+fetched in parallel.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import os
+import posixpath
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Iterator
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.fetch import FetchError, resolve_uri
+
+FORMATS = ("movie_genre", "planet", "voc", "generic")
+MOVIE_GENRE_COLUMNS = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
+PLANET_COLUMNS = ("image_name", "tags")
+REJECTED_TAG = "rejected"
+COUNTER_NAMESPACE = "tagbeam"
+
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+# Compressed manifests are read through Beam's FileSystems, which decompresses by extension.
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".deflate")
+
+
+class UsageError(Exception):
+    """The user's input or flags are wrong; the message says which and what to do."""
+
+
+class Row(NamedTuple):
+    file: str  # manifest file the row came from (for VOC: the id list)
+    row: int  # 1-based data row number within `file`, header excluded
+    id: str
+    uri: str  # resolved: absolute local path, gs://, or http(s)://
+    base: str | None  # folder relative URIs were resolved against; fetch confines local reads to it
+    labels: tuple[str, ...]  # stripped, non-empty, first occurrence kept
+
+
+def rejection(file: str, row: int, id_: str, uri: str, stage: str, reason: str, detail: str) -> dict[str, Any]:
+    """One dead-letter record (the `rejected-*.jsonl` schema of docs/dataset.md, plus `file`)."""
+    return {"row": row, "id": id_, "uri": uri, "stage": stage, "reason": reason, "detail": detail, "file": file}
+
+
+def reject_row(row: Row, stage: str, reason: str, detail: str) -> dict[str, Any]:
+    return rejection(row.file, row.row, row.id, row.uri, stage, reason, detail)
+
+
+def count(name: str) -> None:
+    beam.metrics.Metrics.counter(COUNTER_NAMESPACE, name).inc()
+
+
+def clean_labels(values: Iterable[Any]) -> tuple[str, ...]:
+    """Strips labels, drops empty ones and repeats (keeping first-seen order)."""
+    stripped = (str(v).strip() for v in values if v is not None)
+    return tuple(dict.fromkeys(v for v in stripped if v))
+
+
+def split_labels(value: Any, delimiter: str) -> tuple[str, ...]:
+    """A labels cell: a list (JSONL, Parquet), a delimited string, or nothing."""
+    if value is None:
+        return ()
+    if isinstance(value, (list, tuple)):
+        return clean_labels(value)
+    text = str(value)
+    return clean_labels(text.split() if delimiter == " " else text.split(delimiter))
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestSpec:
+    """Everything a worker needs to parse the manifest; built and validated by `resolve_spec`."""
+
+    format: str
+    files: tuple[str, ...]  # manifest files (for VOC: the dataset root)
+    uri_column: str = "uri"
+    labels_column: str = "labels"
+    id_column: str | None = None
+    label_delimiter: str = "|"
+    image_root: str | None = None  # planet
+    image_ext: str = "jpg"  # planet
+    voc_image_set: str | None = None
+
+
+# --- reading text safely --------------------------------------------------------------------
+
+def decode_line(raw: bytes) -> tuple[str, str]:
+    """Decodes one line: UTF-8, else CP1252, else Latin-1 (which never fails). Returns (text, codec).
+
+    MovieGenre.csv is mostly ASCII with Latin-1/CP1252 titles; deciding per line keeps the UTF-8
+    lines of a mixed file intact instead of mis-decoding the whole file one way.
+    """
+    for codec in ("utf-8", "cp1252"):
+        try:
+            return raw.decode(codec), codec
+        except UnicodeDecodeError:
+            continue
+    return raw.decode("latin-1"), "latin-1"
+
+
+def text_lines(handle: io.IOBase) -> Iterator[str]:
+    """Decoded lines of a binary file, line ends kept (the csv module needs them inside quotes)."""
+    first = True
+    while raw := handle.readline():
+        text, codec = decode_line(raw)
+        if codec != "utf-8":
+            count(f"lines_decoded_{codec.replace('-', '')}")
+        if first:
+            text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark from spreadsheet exports
+            first = False
+        yield text
+
+
+def manifest_kind(path: str) -> str:
+    """'parquet', 'jsonl' or 'csv', from the file name (compression suffixes ignored)."""
+    name = path.lower()
+    for suffix in _COMPRESSED_SUFFIXES:
+        name = name.removesuffix(suffix)
+    if name.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    return "csv"
+
+
+def folder_of(path: str) -> str:
+    """The folder of a local or gs:// path, against which its relative URIs are resolved."""
+    if "://" in path:
+        return posixpath.dirname(path)
+    return os.path.dirname(os.path.abspath(path))
+
+
+# --- header inspection (driver side, for clear errors before any pipeline runs) -------------------
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    columns: tuple[str, ...]
+    has_rows: bool
+
+
+def read_header(path: str) -> Header:
+    """Column names of a manifest file and whether it has at least one data row."""
+    kind = manifest_kind(path)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        with FileSystems.open(path) as handle:
+            meta = pq.ParquetFile(handle)
+            return Header(tuple(meta.schema_arrow.names), meta.metadata.num_rows > 0)
+    with FileSystems.open(path) as handle:
+        lines = (line for line in text_lines(handle) if line.strip())
+        first = next(lines, None)
+        if first is None:
+            return Header((), False)
+        has_rows = next(lines, None) is not None
+    if kind == "jsonl":
+        try:
+            record = json.loads(first)
+        except json.JSONDecodeError as err:
+            raise UsageError(f"{path}: the first line is not JSON ({err}); a .jsonl manifest holds one "
+                             "JSON object per line") from None
+        if not isinstance(record, dict):
+            raise UsageError(f"{path}: the first line is not a JSON object; a .jsonl manifest holds one "
+                             "JSON object per line")
+        return Header(tuple(record), True)
+    return Header(tuple(c.strip() for c in next(csv.reader([first]))), has_rows)
+
+
+def detect_format(path: str) -> str:
+    """The format of one manifest file, from its name and header (auto-detection)."""
+    if manifest_kind(path) != "csv":
+        return "generic"
+    columns = read_header(path).columns
+    if columns[:1] == ("imdbId",) and "Poster" in columns:
+        return "movie_genre"
+    if columns == PLANET_COLUMNS:
+        return "planet"
+    return "generic"
+
+
+def required_columns(spec: ManifestSpec) -> tuple[str, ...]:
+    if spec.format == "movie_genre":
+        return ("imdbId", "Genre", "Poster")
+    if spec.format == "planet":
+        return PLANET_COLUMNS
+    return tuple(c for c in (spec.uri_column, spec.labels_column, spec.id_column) if c)
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _exists_under(folder: str) -> bool:
+    """Whether a folder exists: locally a directory, on object stores any object below it."""
+    if not _is_remote(folder):
+        return os.path.isdir(folder)
+    try:
+        return bool(FileSystems.match([folder.rstrip("/") + "/*"], limits=[1])[0].metadata_list)
+    except Exception:  # noqa: BLE001 - BeamIOError wraps whatever the store raised
+        return False
+
+
+def _match(pattern: str) -> list[str]:
+    try:
+        matched = FileSystems.match([pattern])[0].metadata_list
+    except Exception:  # noqa: BLE001 - BeamIOError for a missing path, bucket or bad pattern
+        return []
+    return sorted(m.path for m in matched if not os.path.isdir(m.path))
+
+
+def resolve_spec(input_: str, format_: str = "auto", *, uri_column: str = "uri", labels_column: str = "labels",
+                 id_column: str | None = None, label_delimiter: str = "|", image_root: str | None = None,
+                 image_ext: str = "jpg", voc_image_set: str | None = None) -> ManifestSpec:
+    """Finds the manifest files, decides the format and checks columns and emptiness, so that
+    user mistakes fail here with one clear UsageError rather than inside a pipeline."""
+    root = input_.rstrip("/")
+    if format_ in ("auto", "voc") and _exists_under(f"{root}/Annotations"):
+        return _voc_spec(root, voc_image_set)
+    if format_ == "voc":
+        raise UsageError(f"--input {input_}: no Annotations/ folder there; for --format voc give the VOC2012 "
+                         "root (the folder holding Annotations/, JPEGImages/ and ImageSets/)")
+    if not _is_remote(input_) and os.path.isdir(input_):
+        raise UsageError(f"--input {input_} is a folder without Annotations/; give a manifest file or glob, "
+                         "or a VOC2012 root")
+    files = _match(input_)
+    if not files:
+        raise UsageError(f"--input {input_}: no such file (nothing matches); give a manifest path, glob or gs:// URI")
+    format_ = detect_format(files[0]) if format_ == "auto" else format_
+    spec = ManifestSpec(format_, tuple(files), uri_column, labels_column, id_column, label_delimiter,
+                        None, image_ext.lstrip("."), None)
+    header = read_header(files[0])
+    if not header.columns:
+        raise UsageError(f"--input {files[0]} is empty; a manifest needs a header line and data rows")
+    missing = [c for c in required_columns(spec) if c not in header.columns]
+    if missing:
+        hint = ("name them with --uri_column/--labels_column/--id_column" if format_ == "generic"
+                else f"this is not a {format_} manifest; pass --format")
+        raise UsageError(f"{files[0]}: missing column(s) {', '.join(missing)} for --format {format_}; "
+                         f"found {list(header.columns)}; {hint}")
+    if not header.has_rows and not any(read_header(f).has_rows for f in files[1:]):
+        raise UsageError(f"--input {input_}: the manifest has no data rows (an empty file or a header only)")
+    if format_ == "planet":
+        spec = dataclasses.replace(spec, image_root=_planet_root(files[0], image_root))
+    return spec
+
+
+def _planet_root(manifest: str, image_root: str | None) -> str:
+    if image_root is None:
+        root = f"{folder_of(manifest)}/train-jpg"
+        where = f"the default {root} (Kaggle's layout: train-jpg/ next to the manifest)"
+    else:
+        root = image_root if _is_remote(image_root) else os.path.abspath(image_root)
+        where = f"--image_root {image_root}"
+    root = root.rstrip("/")
+    if not root.startswith(("http://", "https://")) and not _exists_under(root):
+        raise UsageError(f"{where} does not exist; Planet images are read as <image_root>/<image_name>.<ext>: "
+                         "pass --image_root with their folder, gs:// or http(s):// prefix")
+    return root
+
+
+def _voc_spec(root: str, image_set: str | None) -> ManifestSpec:
+    spec = ManifestSpec("voc", (root,), voc_image_set=image_set)
+    if image_set:
+        listing = f"{root}/ImageSets/Main/{image_set}.txt"
+        if not _match(listing):
+            raise UsageError(f"--voc_image_set {image_set}: {listing} does not exist; use a set from "
+                             "ImageSets/Main (e.g. train, val, trainval) or omit the flag for all annotations")
+    if not voc_ids(spec)[1]:
+        raise UsageError(f"--input {root}: the VOC image list is empty (no Annotations/*.xml or an empty set)")
+    return spec
+
+
+# --- per-format row parsers (pure Python: unit-testable without Beam) -------------------------------
+
+ParseResult = Row | dict  # a Row, or a rejection record
+
+
+def _row_or_reject(file: str, row: int, id_: str, uri: str, base: str | None,
+                   labels: tuple[str, ...]) -> ParseResult:
+    id_, uri = id_.strip(), uri.strip()
+    if not id_:
+        return rejection(file, row, id_, uri, "parse", "missing_id", f"row {row} of {file} has no id")
+    if not uri:
+        return rejection(file, row, id_, uri, "parse", "missing_uri", f"row {row} of {file} has no image URI")
+    try:
+        resolved = resolve_uri(uri, base)
+    except FetchError as err:
+        return rejection(file, row, id_, uri, "parse", err.reason, err.detail)
+    return Row(file, row, id_, resolved, base, labels)
+
+
+def _csv_records(path: str, handle: io.IOBase) -> Iterator[tuple[int, dict[str, str] | str]]:
+    """(row number, {column: value}) per CSV data row, or (row number, error) for malformed rows."""
+    reader = csv.reader(text_lines(handle))
+    header = None
+    number = 0
+    while True:
+        try:
+            record = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            number += 1
+            yield number, f"malformed CSV near line {reader.line_num} of {path}: {err}"
+            continue
+        if not record or (len(record) == 1 and not record[0].strip()):
+            continue  # blank lines are not rows
+        if header is None:
+            header = [c.strip() for c in record]
+            continue
+        number += 1
+        if len(record) != len(header):
+            yield number, f"expected {len(header)} fields ({','.join(header)}), got {len(record)}"
+            continue
+        yield number, dict(zip(header, record))
+
+
+def _table_records(path: str, handle: io.IOBase, columns: list[str]) -> Iterator[tuple[int, dict | str]]:
+    kind = manifest_kind(path)
+    if kind == "csv":
+        yield from _csv_records(path, handle)
+    elif kind == "jsonl":
+        number = 0
+        for line in text_lines(handle):
+            if not line.strip():
+                continue
+            number += 1
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                yield number, f"not JSON: {err}"
+                continue
+            yield number, record if isinstance(record, dict) else f"not a JSON object: {line[:80]!r}"
+    else:
+        import pyarrow.parquet as pq
+
+        number = 0
+        for batch in pq.ParquetFile(handle).iter_batches(columns=columns):
+            for record in batch.to_pylist():
+                number += 1
+                yield number, record
+
+
+def parse_table(spec: ManifestSpec, path: str, handle: io.IOBase) -> Iterator[ParseResult]:
+    """Rows of one movie_genre, planet or generic manifest file, in file order."""
+    base = folder_of(path)
+    columns = list(required_columns(spec))
+    for number, record in _table_records(path, handle, columns):
+        if isinstance(record, str):
+            yield rejection(path, number, "", "", "parse", "malformed_row", record)
+            continue
+        missing = [c for c in columns if c not in record]
+        if missing:
+            yield rejection(path, number, "", "", "parse", "missing_column",
+                            f"row {number} of {path} lacks {missing}; it has {sorted(record)}")
+            continue
+        if spec.format == "movie_genre":
+            yield _row_or_reject(path, number, record["imdbId"] or "", record["Poster"] or "", base,
+                                 split_labels(record["Genre"], "|"))
+        elif spec.format == "planet":
+            name = (record["image_name"] or "").strip()
+            uri = f"{name}.{spec.image_ext}" if name else ""
+            yield _row_or_reject(path, number, name, uri, spec.image_root, split_labels(record["tags"], " "))
+        else:
+            raw_uri = _cell(record[spec.uri_column])
+            id_ = _cell(record[spec.id_column]) if spec.id_column else raw_uri
+            yield _row_or_reject(path, number, id_, raw_uri, base,
+                                 split_labels(record[spec.labels_column], spec.label_delimiter))
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+class _NoDoctype(ET.TreeBuilder):
+    """Refuses any DOCTYPE. ElementTree (expat) never fetches external entities, but it does
+    expand internal ones, so an internal-subset "billion laughs" could blow up memory. Entities
+    can only be declared inside a DOCTYPE, and expat reports the DOCTYPE to the tree builder
+    before any entity is declared or used, so raising here stops the parse in time. VOC
+    annotations never carry a DOCTYPE."""
+
+    def doctype(self, name: str, pubid: str | None, system: str | None) -> None:
+        raise ValueError(f"DOCTYPE {name!r} is not allowed (entity declarations are refused)")
+
+
+def parse_voc_annotation(data: bytes) -> tuple[str | None, tuple[str, ...]]:
+    """(filename, object names) of one VOC annotation. Raises ValueError or ET.ParseError."""
+    parser = ET.XMLParser(target=_NoDoctype())
+    parser.feed(data)
+    root = parser.close()
+    filename = (root.findtext("filename") or "").strip() or None
+    return filename, clean_labels(obj.findtext("name") for obj in root.iter("object"))
+
+
+def voc_row(spec: ManifestSpec, source: str, number: int, image_id: str) -> ParseResult:
+    root = spec.files[0]
+    path = f"{root.rstrip('/')}/Annotations/{image_id}.xml"
+    try:
+        with FileSystems.open(path) as handle:
+            data = handle.read()
+    except OSError as err:  # Beam raises BeamIOError (an IOError) for missing files
+        return rejection(source, number, image_id, "", "parse", "missing_annotation", f"cannot read {path}: {err}")
+    try:
+        filename, labels = parse_voc_annotation(data)
+    except (ET.ParseError, ValueError) as err:
+        return rejection(source, number, image_id, "", "parse", "bad_xml", f"{path}: {err}")
+    return _row_or_reject(source, number, image_id, f"JPEGImages/{filename or image_id + '.jpg'}", root, labels)
+
+
+def voc_ids(spec: ManifestSpec) -> tuple[str, list[str]]:
+    """(source, image ids in order): the ImageSets list if a set is given, else every annotation."""
+    root = spec.files[0].rstrip("/")
+    if spec.voc_image_set:
+        source = f"{root}/ImageSets/Main/{spec.voc_image_set}.txt"
+        with FileSystems.open(source) as handle:
+            # Class-specific lists ("<id> -1") carry a flag after the id; the id comes first.
+            ids = [line.split()[0] for line in text_lines(handle) if line.strip()]
+        return source, ids
+    matched = FileSystems.match([f"{root}/Annotations/*.xml"])[0].metadata_list
+    ids = sorted(posixpath.basename(m.path)[: -len(".xml")] for m in matched)
+    return f"{root}/Annotations", ids
+
+
+# --- Beam transforms ----------------------------------------------------------------------------
+
+class _ParseFile(beam.DoFn):
+    def __init__(self, spec: ManifestSpec) -> None:
+        self._spec = spec
+
+    def process(self, path: str) -> Iterator[Any]:
+        with FileSystems.open(path) as handle:
+            yield from _emit(parse_table(self._spec, path, handle))
+
+
+class _ParseVoc(beam.DoFn):
+    def __init__(self, spec: ManifestSpec) -> None:
+        self._spec = spec
+
+    def process(self, item: tuple[str, int, str]) -> Iterator[Any]:
+        yield from _emit([voc_row(self._spec, *item)])
+
+
+def _emit(results: Iterable[ParseResult]) -> Iterator[Any]:
+    for result in results:
+        count("rows_read")
+        if isinstance(result, Row):
+            count("rows_parsed")
+            yield result
+        else:
+            count(f"rejected_parse_{result['reason']}")
+            yield beam.pvalue.TaggedOutput(REJECTED_TAG, result)
+
+
+class ReadManifest(beam.PTransform):
+    """Manifest -> PCollections `rows` (Row) and `rejected` (dead-letter dicts)."""
+
+    def __init__(self, spec: ManifestSpec) -> None:
+        super().__init__()
+        self._spec = spec
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
+        spec = self._spec
+        if spec.format == "voc":
+            source, ids = voc_ids(spec)
+            items = [(source, i + 1, image_id) for i, image_id in enumerate(ids)]
+            parse: beam.DoFn = _ParseVoc(spec)
+        else:
+            items, parse = list(spec.files), _ParseFile(spec)
+        # The reshuffle spreads files (or annotations) over workers instead of one bundle.
+        return (pbegin
+                | "ListInputs" >> beam.Create(items)
+                | "SpreadInputs" >> beam.Reshuffle()
+                | "Parse" >> beam.ParDo(parse).with_outputs(REJECTED_TAG, main="rows"))
+
+
+class _KeepFirst(beam.DoFn):
+    def process(self, item: tuple[str, Iterable[Row]]) -> Iterator[Any]:
+        _, rows = item
+        first, *others = sorted(rows, key=lambda r: (r.file, r.row))
+        yield first
+        for other in others:
+            count("rejected_duplicate_duplicate_id")
+            yield beam.pvalue.TaggedOutput(REJECTED_TAG, reject_row(
+                other, "duplicate", "duplicate_id", f"id {other.id!r} already seen at row {first.row} of {first.file}"))
+
+
+class DropDuplicateIds(beam.PTransform):
+    """Keeps the first row (lowest file, row number) of each id; the others go to `rejected`."""
+
+    def expand(self, rows: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
+        return (rows
+                | "KeyById" >> beam.Map(lambda r: (r.id, r))
+                | "GroupById" >> beam.GroupByKey()
+                | "KeepFirst" >> beam.ParDo(_KeepFirst()).with_outputs(REJECTED_TAG, main="rows"))

@@ -1,0 +1,191 @@
+"""Manifest parsing: every input format from small fixtures in its exact real layout, no Beam run."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import manifests
+from pipelines.manifests import ManifestSpec, Row, UsageError
+
+AMAZON = "https://images-na.ssl-images-amazon.com/images/M/"
+# Kaggle's MovieGenre.csv, byte for byte in its style: poster URLs hold commas and are quoted,
+# titles with commas are quoted, titles are Latin-1 (not UTF-8), a poster may be missing.
+MOVIE_GENRE = (
+    b"imdbId,Imdb Link,Title,IMDB Score,Genre,Poster\r\n"
+    b"114709,http://www.imdb.com/title/tt114709,Toy Story (1995),8.3,Animation|Adventure|Comedy,"
+    b'"' + AMAZON.encode() + b"MV5BMDU2ZWJlMjktMTRhMy00ZTA5LWEzNDgtYmNmZTEwZTViZWJkXkEyXkFqcGdeQXVyNDQ2OTk4MzI@"
+    b'._V1_UX182_CR0,0,182,268_AL_.jpg"\r\n'
+    b"114576,http://www.imdb.com/title/tt114576,Les Mis\xe9rables (1995),7.2,Drama|Romance| Drama ,"
+    b'"' + AMAZON.encode() + b'MV5BMTU4NDM0NjA1OF5BMl5BanBnXkFtZTcwMjU1NjcxMQ@@._V1_UX182_CR0,0,182,268_AL_.jpg"\r\n'
+    b'112682,http://www.imdb.com/title/tt112682,"City of Lost Children, The (1995)",7.7,Adventure|Drama|Fantasy,'
+    b'"' + AMAZON.encode() + b'MV5BNjM4ODI5NTQ4OV5BMl5BanBnXkFtZTcwNzE4NTcxNA@@._V1_UX182_CR0,0,182,268_AL_.jpg"\r\n'
+    b"113189,http://www.imdb.com/title/tt113189,Nueba Yol (1995),6.7,Comedy|Drama,\r\n"
+    # A UTF-8 title and a CP1252 curly quote in the same file: the encoding is decided per line.
+    b"2380307,http://www.imdb.com/title/tt2380307,Pok\xc3\xa9mon (2014),7.0,Animation,posters/tt2380307.jpg\r\n"
+    b'95016,http://www.imdb.com/title/tt95016,"Die Hard \x92Special\x92\nEdition (1988)",8.2,Action|Thriller,'
+    b"posters/tt95016.jpg\r\n"
+    b"\r\n"
+)
+
+
+def write(path, data: bytes | str) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+    return str(path)
+
+
+def parse(spec: ManifestSpec, path: str) -> list:
+    with open(path, "rb") as handle:
+        return list(manifests.parse_table(spec, path, handle))
+
+
+def test_movie_genre_rows_encodings_quotes_and_missing_poster(tmp_path):
+    path = write(tmp_path / "MovieGenre.csv", MOVIE_GENRE)
+    assert manifests.detect_format(path) == "movie_genre"
+    spec = manifests.resolve_spec(path)
+    assert spec.format == "movie_genre" and spec.files == (path,)
+    results = parse(spec, path)
+    assert len(results) == 6  # the blank last line is not a row
+    rows = [r for r in results if isinstance(r, Row)]
+    rejected = [r for r in results if not isinstance(r, Row)]
+
+    assert [r.id for r in rows] == ["114709", "114576", "112682", "2380307", "95016"]
+    assert [r.row for r in rows] == [1, 2, 3, 5, 6]
+    toy, les_mis, city, pokemon, die_hard = rows
+    assert toy.labels == ("Animation", "Adventure", "Comedy")
+    assert toy.uri.endswith("_V1_UX182_CR0,0,182,268_AL_.jpg")  # quoted commas stay in the URL
+    assert les_mis.labels == ("Drama", "Romance")  # stripped and de-duplicated, order kept
+    assert city.labels == ("Adventure", "Drama", "Fantasy")
+    assert pokemon.uri == os.path.join(str(tmp_path), "posters", "tt2380307.jpg")  # relative -> manifest folder
+    assert pokemon.base == str(tmp_path)
+    assert die_hard.labels == ("Action", "Thriller")  # after a quoted newline in the title
+
+    assert rejected == [{"row": 4, "id": "113189", "uri": "", "stage": "parse", "reason": "missing_uri",
+                         "detail": f"row 4 of {path} has no image URI", "file": path}]
+
+
+def test_lines_decode_as_utf8_then_cp1252_then_latin1():
+    assert manifests.decode_line(b"Pok\xc3\xa9mon") == ("Pokémon", "utf-8")
+    assert manifests.decode_line(b"Les Mis\xe9rables") == ("Les Misérables", "cp1252")
+    assert manifests.decode_line(b"\x92quoted\x92") == ("\u2019quoted\u2019", "cp1252")
+    assert manifests.decode_line(b"undefined in cp1252: \x81") == ("undefined in cp1252: \x81", "latin-1")
+
+
+def test_planet_rows_use_the_image_root_and_extension(tmp_path):
+    path = write(tmp_path / "train_v2.csv",
+                 "image_name,tags\ntrain_0,haze primary\ntrain_1,agriculture clear primary water\ntrain_2,\n")
+    os.makedirs(tmp_path / "train-jpg")
+    assert manifests.detect_format(path) == "planet"
+    spec = manifests.resolve_spec(path)
+    assert spec.image_root == str(tmp_path / "train-jpg")
+    rows = parse(spec, path)
+    assert rows[0] == Row(path, 1, "train_0", str(tmp_path / "train-jpg" / "train_0.jpg"), str(tmp_path / "train-jpg"),
+                          ("haze", "primary"))
+    assert rows[1].labels == ("agriculture", "clear", "primary", "water")
+    assert rows[2].labels == () and rows[2].id == "train_2"  # no tags: decided later (--unlabeled)
+
+    tif = manifests.resolve_spec(path, "planet", image_root="https://example.org/train-tif-v2", image_ext="tif")
+    assert parse(tif, path)[0].uri == "https://example.org/train-tif-v2/train_0.tif"
+
+
+def test_planet_without_image_folder_says_which_flag(tmp_path):
+    path = write(tmp_path / "train_v2.csv", "image_name,tags\ntrain_0,haze\n")
+    with pytest.raises(UsageError, match=r"train-jpg .*--image_root"):
+        manifests.resolve_spec(path)
+
+
+VOC_XML = """<annotation>
+  <folder>VOC2012</folder><filename>{id}.jpg</filename>
+  <size><width>500</width><height>375</height><depth>3</depth></size>
+  {objects}
+</annotation>"""
+
+
+def voc_object(name: str) -> str:
+    return (f"<object><name>{name}</name><pose>Left</pose><truncated>0</truncated><difficult>0</difficult>"
+            "<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>30</xmax><ymax>40</ymax></bndbox></object>")
+
+
+def make_voc(root) -> str:
+    write(root / "Annotations" / "2008_000008.xml",
+          VOC_XML.format(id="2008_000008", objects=voc_object("horse") + voc_object("person") + voc_object("person")))
+    write(root / "Annotations" / "2008_000015.xml", VOC_XML.format(id="2008_000015", objects=voc_object("bottle")))
+    write(root / "Annotations" / "2008_000019.xml", VOC_XML.format(id="2008_000019", objects=voc_object("dog")))
+    bomb = ('<?xml version="1.0"?><!DOCTYPE lolz [<!ENTITY lol "lol"><!ENTITY lol2 "&lol;&lol;&lol;&lol;">]>'
+            "<annotation><filename>&lol2;</filename></annotation>")
+    write(root / "Annotations" / "2008_000023.xml", bomb)
+    write(root / "ImageSets" / "Main" / "train.txt", "2008_000008\n2008_000023\n2008_000099\n")
+    write(root / "ImageSets" / "Main" / "val.txt", "2008_000015\n2008_000019\n")
+    return str(root)
+
+
+def test_voc_objects_image_sets_and_refused_doctype(tmp_path):
+    root = make_voc(tmp_path / "VOC2012")
+    spec = manifests.resolve_spec(root)
+    assert spec.format == "voc"
+    source, ids = manifests.voc_ids(spec)
+    assert ids == ["2008_000008", "2008_000015", "2008_000019", "2008_000023"]
+
+    train = manifests.resolve_spec(root, "voc", voc_image_set="train")
+    source, ids = manifests.voc_ids(train)
+    assert source.endswith("ImageSets/Main/train.txt") and ids == ["2008_000008", "2008_000023", "2008_000099"]
+    horse, bomb, missing = (manifests.voc_row(train, source, i + 1, image_id) for i, image_id in enumerate(ids))
+    assert horse == Row(source, 1, "2008_000008", os.path.join(root, "JPEGImages", "2008_000008.jpg"), root,
+                        ("horse", "person"))
+    assert (bomb["stage"], bomb["reason"], bomb["row"]) == ("parse", "bad_xml", 2)
+    assert "DOCTYPE" in bomb["detail"]
+    assert (missing["reason"], missing["id"]) == ("missing_annotation", "2008_000099")
+
+    with pytest.raises(UsageError, match="--voc_image_set test"):
+        manifests.resolve_spec(root, "voc", voc_image_set="test")
+
+
+def test_generic_csv_jsonl_and_parquet(tmp_path):
+    csv_path = write(tmp_path / "m.csv",
+                     'key,uri,labels\nk1,img/a.jpg,cat|dog\nk2,https://x.org/b.png,"dog| |cat|dog"\nk3,,cat\n')
+    jsonl_path = write(tmp_path / "m.jsonl", "\n".join(json.dumps(r) for r in (
+        {"uri": "img/a.jpg", "labels": ["cat", "dog", "cat"]},
+        {"uri": "gs://bucket/b.jpg", "labels": "dog|bird"},
+        {"uri": "../escape.jpg", "labels": []},
+    )) + "\n\nnot json\n")
+    parquet_path = str(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"uri": ["img/a.jpg", "img/b.jpg"], "labels": [["cat"], ["dog", " bird "]]}), parquet_path)
+
+    for path in (csv_path, jsonl_path, parquet_path):
+        assert manifests.detect_format(path) == "generic"
+
+    csv_rows = parse(manifests.resolve_spec(csv_path, id_column="key"), csv_path)
+    assert csv_rows[0] == Row(csv_path, 1, "k1", str(tmp_path / "img" / "a.jpg"), str(tmp_path), ("cat", "dog"))
+    assert csv_rows[1].uri == "https://x.org/b.png" and csv_rows[1].labels == ("dog", "cat")
+    assert csv_rows[2]["reason"] == "missing_uri" and csv_rows[2]["id"] == "k3"
+
+    jsonl_rows = parse(manifests.resolve_spec(jsonl_path), jsonl_path)
+    assert jsonl_rows[0].id == "img/a.jpg"  # default id: the URI as written, stable across machines
+    assert jsonl_rows[0].labels == ("cat", "dog")
+    assert jsonl_rows[1].labels == ("dog", "bird") and jsonl_rows[1].uri == "gs://bucket/b.jpg"
+    assert (jsonl_rows[2]["reason"], jsonl_rows[2]["row"]) == ("escapes_base", 3)
+    assert (jsonl_rows[3]["reason"], jsonl_rows[3]["row"]) == ("malformed_row", 4)
+
+    parquet_rows = parse(manifests.resolve_spec(parquet_path), parquet_path)
+    assert [(r.row, r.id, r.labels) for r in parquet_rows] == [(1, "img/a.jpg", ("cat",)),
+                                                               (2, "img/b.jpg", ("dog", "bird"))]
+
+
+def test_user_errors_name_the_file_and_what_to_do(tmp_path):
+    with pytest.raises(UsageError, match=r"--input .*nope\.csv: no such file"):
+        manifests.resolve_spec(str(tmp_path / "nope.csv"))
+    wrong = write(tmp_path / "wrong.csv", "path,tags\na.jpg,x\n")
+    with pytest.raises(UsageError, match=r"missing column\(s\) uri, labels .*found \['path', 'tags'\].*--uri_column"):
+        manifests.resolve_spec(wrong)
+    header_only = write(tmp_path / "empty.csv", "imdbId,Imdb Link,Title,IMDB Score,Genre,Poster\n")
+    with pytest.raises(UsageError, match="no data rows"):
+        manifests.resolve_spec(header_only)
+    with pytest.raises(UsageError, match="is empty"):
+        manifests.resolve_spec(write(tmp_path / "zero.csv", b""))
+    with pytest.raises(UsageError, match="folder without Annotations"):
+        manifests.resolve_spec(str(tmp_path))
