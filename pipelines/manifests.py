@@ -231,7 +231,7 @@ def _match(pattern: str) -> list[str]:
     return sorted(m.path for m in matched if not os.path.isdir(m.path))
 
 
-def resolve_spec(input_: str, format_: str = "auto", *, uri_column: str = "uri", labels_column: str = "labels",
+def resolve_spec(input_: str, format_: str = "auto", *, uri_column: str = "uri", labels_column: str | None = "labels",
                  id_column: str | None = None, label_delimiter: str = "|", image_root: str | None = None,
                  image_ext: str = "jpg", voc_image_set: str | None = None) -> ManifestSpec:
     """Finds the manifest files, decides the format and checks columns and emptiness, so that
@@ -387,8 +387,9 @@ def parse_table(spec: ManifestSpec, path: str, handle: io.IOBase) -> Iterator[Pa
         else:
             raw_uri = _cell(record[spec.uri_column])
             id_ = _cell(record[spec.id_column]) if spec.id_column else raw_uri
-            yield _row_or_reject(path, number, id_, raw_uri, base,
-                                 split_labels(record[spec.labels_column], spec.label_delimiter))
+            # No labels column (batch prediction): rows carry no labels.
+            labels = split_labels(record[spec.labels_column], spec.label_delimiter) if spec.labels_column else ()
+            yield _row_or_reject(path, number, id_, raw_uri, base, labels)
 
 
 def _cell(value: Any) -> str:

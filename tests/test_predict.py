@@ -1,0 +1,121 @@
+"""Batch prediction: RunInference with the exported SavedModel over real sample posters."""
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import tensorflow as tf
+import tensorflow_hub as hub
+import tf_keras
+
+from backbone_factory import write_backbone
+from pipelines import predict, sample_data
+from trainer.serving import export_model
+
+IMAGE_SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def posters(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("samples")
+    sample_data.build(root, posters=0, heldout_posters=24, chips=False)
+    return str(root / "posters")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, posters) -> tuple[str, list[str]]:
+    """A small but real servable: a hub.KerasLayer backbone + a dense head, exported by the trainer's code."""
+    root = tmp_path_factory.mktemp("model")
+    with open(os.path.join(posters, "MovieGenre-heldout.csv"), encoding="utf-8") as f:
+        labels = sorted({g for row in csv.DictReader(f) for g in row["Genre"].split("|")})
+    backbone = hub.KerasLayer(write_backbone(str(root / "backbone"), seed=1), trainable=False)
+    images = tf_keras.Input([IMAGE_SIZE, IMAGE_SIZE, 3])
+    logits = tf_keras.layers.Dense(len(labels), kernel_initializer=tf_keras.initializers.RandomNormal(seed=2))(
+        backbone(images))
+    model = tf_keras.Model(images, logits)
+    thresholds = np.full(len(labels), 0.5, np.float32)
+    export_model(model, str(root / "export"), labels, thresholds, IMAGE_SIZE, "squash", version=1)
+    return str(root / "export"), labels
+
+
+def _with_bad_rows(posters: str, tmp_path) -> tuple[str, dict[str, str]]:
+    """The held-out manifest plus rows that must end in the dead letter, with their reasons."""
+    images = os.path.join(posters, "images")
+    with open(os.path.join(images, os.listdir(images)[0]), "rb") as f:
+        jpeg = f.read()
+    bad = {"truncated.jpg": jpeg[: len(jpeg) // 3], "page.jpg": b"<html><body>Not found</body></html>"}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    with open(os.path.join(posters, "MovieGenre-heldout.csv"), encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    header, body = rows[0], rows[1:]
+    # This manifest lives elsewhere: its posters are given as absolute paths (needs --allow_local_files).
+    body = [row[:-1] + [os.path.join(posters, row[-1])] for row in body]
+    extra = [["9000001", "", "Cut", "5.0", "Drama", str(tmp_path / "truncated.jpg")],
+             ["9000002", "", "Html", "5.0", "Drama", str(tmp_path / "page.jpg")],
+             ["9000003", "", "Gone", "5.0", "Drama", str(tmp_path / "missing.jpg")],
+             ["9000004", "", "No poster", "5.0", "Drama", ""]]
+    manifest = tmp_path / "MovieGenre.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([header, *body, *extra])
+    expected = {"9000001": "decode:truncated", "9000002": "decode:not_an_image", "9000003": "fetch:not_found",
+                "9000004": "parse:missing_uri"}
+    return str(manifest), expected
+
+
+def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_path):
+    export_base, labels = exported
+    manifest, expected_rejects = _with_bad_rows(posters, tmp_path)
+    out = tmp_path / "out"
+    code = predict.main(["--input", manifest, "--model", export_base, "--output", str(out),
+                         "--allow_local_files", "--batch_size", "8"])
+    assert code == 0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["input_rows"] == 24 + 4
+    assert summary["predicted"] == 24
+    assert summary["rejected"] == 4
+    assert summary["model"].endswith("/1")
+
+    rejected = {}
+    for path in glob.glob(str(out / "rejected-*.jsonl")):
+        for line in open(path, encoding="utf-8"):
+            record = json.loads(line)
+            rejected[record["id"]] = f"{record['stage']}:{record['reason']}"
+    assert rejected == expected_rejects
+
+    with open(glob.glob(str(out / "predictions-*.csv"))[0], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and len({r["id"] for r in rows}) == 24
+    serve = tf.saved_model.load(os.path.join(export_base, "1")).signatures["serving_default"]
+    uris = [r["uri"] for r in rows]
+    own = serve(image_bytes=tf.constant([open(u, "rb").read() for u in uris]))
+    ours = np.array([[float(r[label]) for label in labels] for r in rows])
+    np.testing.assert_allclose(ours, own["probabilities"].numpy(), atol=1e-6)
+    for row, names in zip(rows, own["predicted_labels"].numpy()):
+        got = row["predicted_labels"].split("|") if row["predicted_labels"] else []
+        assert got == [n.decode() for n in names if n]
+
+
+def test_predict_parquet_output_and_refuses_to_mix(posters, exported, tmp_path):
+    export_base, labels = exported
+    manifest = os.path.join(posters, "MovieGenre-heldout.csv")
+    out = tmp_path / "out"
+    args = ["--input", manifest, "--model", export_base, "--output", str(out), "--output_format", "parquet"]
+    assert predict.main(args) == 0
+    table = pq.read_table(glob.glob(str(out / "predictions-*.parquet"))[0])
+    assert table.num_rows == 24
+    assert table.column_names[:3] == ["id", "uri", "predicted_labels"] and table.column_names[3:] == labels
+    assert predict.main(args) == 2  # existing predictions are not mixed into
+
+
+def test_bad_model_path_is_a_clear_error(posters, tmp_path, capsys):
+    code = predict.main(["--input", os.path.join(posters, "MovieGenre-heldout.csv"), "--model", str(tmp_path),
+                         "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "--model" in capsys.readouterr().err
