@@ -73,6 +73,20 @@ def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int
     return example_pb2.Example(features=features).SerializeToString()
 
 
+def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions, concurrency: int) -> list[bytes | fetch.FetchError]:
+    """Fetches the rows' images concurrently, in row order, one result (bytes or error) per row."""
+    # fetch confines local reads to a row's base folder, so rows are fetched per base.
+    by_base: dict[str | None, list[int]] = defaultdict(list)
+    for i, row in enumerate(rows):
+        by_base[row.base].append(i)
+    fetched: list[bytes | fetch.FetchError] = [b""] * len(rows)
+    for base, indices in by_base.items():
+        results = fetch.fetch_many([rows[i].uri for i in indices], options, max_workers=concurrency, base=base)
+        for i, result in zip(indices, results):
+            fetched[i] = result
+    return fetched
+
+
 class FetchAndEncode(beam.DoFn):
     """A batch of (Row, label ids) -> Encoded examples; fetch and decode failures -> rejected.
 
@@ -85,16 +99,7 @@ class FetchAndEncode(beam.DoFn):
 
     def process(self, batch: Sequence[tuple[Row, tuple[int, ...]]]) -> Iterator[Any]:
         opts = self._options
-        # fetch confines local reads to a row's base folder, so rows are fetched per base.
-        by_base: dict[str | None, list[int]] = defaultdict(list)
-        for i, (row, _) in enumerate(batch):
-            by_base[row.base].append(i)
-        fetched: list[bytes | fetch.FetchError] = [b""] * len(batch)
-        for base, indices in by_base.items():
-            results = fetch.fetch_many([batch[i][0].uri for i in indices], opts.fetch,
-                                       max_workers=opts.fetch_concurrency, base=base)
-            for i, result in zip(indices, results):
-                fetched[i] = result
+        fetched = fetch_rows([row for row, _ in batch], opts.fetch, opts.fetch_concurrency)
         for (row, label_ids), data in zip(batch, fetched):
             if isinstance(data, fetch.FetchError):
                 count(f"rejected_fetch_{data.reason}")

@@ -18,14 +18,15 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import dataset_info, fetch, images, manifests
+from pipelines import cli, dataset_info, fetch, images, manifests
+from pipelines.examples import fetch_rows
 from pipelines.manifests import REJECTED_TAG, Row, UsageError, count, reject_row
 
 _LOG = logging.getLogger("pipelines.predict")
@@ -37,13 +38,8 @@ _SERVABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 _FETCH_DEFAULTS = fetch.FetchOptions()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pipelines.predict", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    p = cli.Parser(prog="python -m pipelines.predict", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 epilog="Unknown arguments are passed to Beam's PipelineOptions.")
     p.add_argument("--input", required=True, help="manifest file, glob or gs:// URI (as for pipelines.preprocess)")
@@ -112,15 +108,7 @@ class FetchAndCheck(beam.DoFn):
         self._options, self._concurrency, self._max_pixels = options, concurrency, max_pixels
 
     def process(self, batch: Sequence[Row]) -> Iterator[Any]:
-        by_base: dict[str | None, list[int]] = {}
-        for i, row in enumerate(batch):
-            by_base.setdefault(row.base, []).append(i)
-        fetched: list[Any] = [None] * len(batch)
-        for base, indices in by_base.items():
-            results = fetch.fetch_many([batch[i].uri for i in indices], self._options,
-                                       max_workers=self._concurrency, base=base)
-            for i, result in zip(indices, results):
-                fetched[i] = result
+        fetched = fetch_rows(batch, self._options, self._concurrency)
         for row, data in zip(batch, fetched):
             if isinstance(data, fetch.FetchError):
                 count(f"rejected_fetch_{data.reason}")
@@ -317,18 +305,7 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipelines").setLevel(logging.INFO)
-    try:
-        args, pipeline_args = build_parser().parse_known_args(argv)
-    except SystemExit as done:
-        return int(done.code or 0)
-    try:
-        run(args, pipeline_args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines import dataset_info, fetch, images, manifests, splits, vocabulary
+from pipelines import cli, dataset_info, fetch, images, manifests, splits, vocabulary
 from pipelines.examples import EncodeLabels, ExampleOptions, FetchAndEncode, LogProgress
 from pipelines.manifests import REJECTED_TAG, UsageError
 from pipelines.shards import WriteShards
@@ -43,14 +43,8 @@ _FETCH_DEFAULTS = fetch.FetchOptions()
 _IMAGE_DEFAULTS = images.ImageOptions()
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        # One line, like every other user error of this tool (argparse would add the usage).
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m pipelines.preprocess", description=__doc__.split("\n\n")[0],
+    p = cli.Parser(prog="python -m pipelines.preprocess", description=__doc__.split("\n\n")[0],
                 allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                 epilog="Unknown arguments are passed to Beam's PipelineOptions.")
     io = p.add_argument_group("input and output")
@@ -284,18 +278,7 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("pipelines").setLevel(logging.INFO)
-    try:
-        args, pipeline_args = parse_args(argv)
-    except SystemExit as done:  # --help, or a flag error already printed as one line
-        return int(done.code or 0)
-    try:
-        run(args, pipeline_args)
-    except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return cli.main(build_parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -264,7 +264,9 @@ def local_runs(tmp_path_factory):
 def test_multi_process_runner_writes_the_same_examples_as_the_default(local_runs):
     first, multi = local_runs["first_examples"], local_runs["multi_examples"]
     assert len(first) == 40
-    strip = lambda examples: {k: (v["split"], v["labels"], v["image"]) for k, v in examples.items()}
+    def strip(examples: dict) -> dict:
+        return {k: (v["split"], v["labels"], v["image"]) for k, v in examples.items()}
+
     assert strip(multi) == strip(first)  # same input twice: same split membership, labels and bytes
     assert local_runs["multi"]["labels"] == local_runs["first"]["labels"]
 

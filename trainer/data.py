@@ -83,7 +83,8 @@ def read_dataset_info(data_dir: str) -> DatasetInfo:
     """Reads and checks `dataset.json` and `labels.txt` in `data_dir` (local or gs://)."""
     json_path = join_path(data_dir, "dataset.json")
     if not tf.io.gfile.exists(json_path):
-        hint = "its listing shows no dataset directory" if not tf.io.gfile.exists(data_dir) else "the pipeline writes dataset.json last, so it may also be incomplete"
+        hint = ("its listing shows no dataset directory" if not tf.io.gfile.exists(data_dir)
+                else "the pipeline writes dataset.json last, so it may also be incomplete")
         raise DatasetError(
             f"--data_dir {data_dir}: no dataset.json ({hint}). Run `python -m pipelines.preprocess` "
             "to create the dataset directory first, or check the path."

@@ -89,7 +89,9 @@ def _jpeg_orientation(data: tf.Tensor) -> tf.Tensor:
 def _orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
     """Applies an EXIF orientation like PIL.ImageOps.exif_transpose (plain reverses and
     transposes: tf.image.rot90 builds far bigger graphs)."""
-    transposed = lambda: tf.transpose(image, [1, 0, 2])
+    def transposed() -> tf.Tensor:
+        return tf.transpose(image, [1, 0, 2])
+
     return tf.switch_case(orientation - 1, [
         lambda: image,
         lambda: tf.reverse(image, [1]),  # mirrored left-right
@@ -314,7 +316,8 @@ def export_model(
     version = _next_version(export_base) if version is None else int(version)
     final = posixpath.join(export_base, str(version))
     if tf.io.gfile.exists(final):
-        raise FileExistsError(f"{final} already exists: choose another version or remove that folder (a served version is never overwritten).")
+        raise FileExistsError(f"{final} already exists: choose another version or remove that folder "
+                              "(a served version is never overwritten).")
     staging = posixpath.join(export_base, f".staging-{version}-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory() as asset_dir:
         with open(posixpath.join(asset_dir, "labels.txt"), "w", encoding="utf-8") as out:

@@ -187,7 +187,8 @@ def run(args: argparse.Namespace) -> RunOutcome:
         test_f1 = metrics["at_tuned"]["macro_f1"]
         images, _ = data.sample_images(info, "test", SAMPLE_GRID_IMAGES)
         samples = [
-            (image, [l for l, t in zip(labels, truth) if t > 0], [l for l, p, th in zip(labels, probs, thresholds) if p >= th])
+            (image, [name for name, t in zip(labels, truth) if t > 0],
+             [name for name, p, th in zip(labels, probs, thresholds) if p >= th])
             for image, truth, probs in zip(images, test_true, test_probs)
         ]
         write_report(args.model_dir, metrics, result.history, samples)
