@@ -7,13 +7,30 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
 from pipelines.manifests import UsageError
+
+# Beam 2.77's DirectRunner first tries the Prism runner, which downloads a binary from GitHub (a
+# surprise outbound connection, and a wait where there is no internet) before falling back to the
+# FnApiRunner for batch pipelines like ours. Without --runner we go to the FnApiRunner directly; it
+# honours --direct_num_workers and --direct_running_mode.
+LOCAL_RUNNER = "FnApiRunner"
 
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # One line, like every other user error of these tools (argparse would add the usage).
         self.exit(2, f"error: {message} (see --help)\n")
+
+
+def pipeline_options(pipeline_args: Sequence[str]) -> PipelineOptions:
+    """Beam options from the flags the entry point did not know; the local runner by default."""
+    options = PipelineOptions(list(pipeline_args), save_main_session=False)
+    standard = options.view_as(StandardOptions)
+    if standard.runner is None:
+        standard.runner = LOCAL_RUNNER
+    return options
 
 
 def main(build_parser: Callable[[], argparse.ArgumentParser],

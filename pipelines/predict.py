@@ -294,7 +294,7 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
                                   labels_column=None, id_column=args.id_column, image_root=args.image_root,
                                   image_ext=args.image_ext, voc_image_set=args.voc_image_set)
     prepare_output(args.output, args.overwrite)
-    with beam.Pipeline(options=PipelineOptions(list(pipeline_args), save_main_session=False)) as p:
+    with beam.Pipeline(options=cli.pipeline_options(pipeline_args)) as p:
         build(p, spec, model_path, labels, args)
     summary = dataset_info.read_json(dataset_info.join(args.output, SUMMARY_JSON))
     seconds = time.monotonic() - start

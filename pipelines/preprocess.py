@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
                                   labels_column=args.labels_column, id_column=args.id_column,
                                   label_delimiter=args.label_delimiter, image_root=args.image_root,
                                   image_ext=args.image_ext, voc_image_set=args.voc_image_set)
-    options = PipelineOptions(list(pipeline_args), save_main_session=False)
+    options = cli.pipeline_options(pipeline_args)
     local = _runs_locally(options)
     work_dir = _work_dir(options, local, args.output)
     transform_dir = dataset_info.join(args.output, dataset_info.TRANSFORM_OUTPUT)

@@ -5,6 +5,7 @@ and anonymous credentials, so no test waits on (or leaks to) Google's auth endpo
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import sys
@@ -21,8 +22,71 @@ from fault_server import FaultServer  # noqa: E402
 CPU_REPLICAS = 2
 
 
+_LOCAL_HOSTS = {"127.0.0.1", "::1", "localhost", "0.0.0.0", socket.gethostname()}
+# Connections and name look-ups this test process tried beyond the machine itself.
+OUTBOUND_ATTEMPTS: list[str] = []
+
+
+def _is_ip_literal(name: str) -> bool:
+    # Resolving an IP literal is parsing, not a DNS query; the connect guard judges the address.
+    # (inet_aton also takes the numeric forms getaddrinfo does, such as "2852039166".)
+    literal = name.strip("[]").split("%")[0]
+    try:
+        socket.inet_aton(literal)
+        return True
+    except OSError:
+        pass
+    try:
+        ipaddress.IPv6Address(literal)
+        return True
+    except ValueError:
+        return False
+
+
+def _guard_network() -> None:
+    """Refuses, and records, any connection or DNS look-up beyond this machine: tests must run
+    offline against local servers, and a library that phones home (Beam's DirectRunner fetching
+    Prism from GitHub, google-auth probing the metadata server) should fail the suite, not slow it.
+    Child processes are not covered."""
+    connect, getaddrinfo = socket.socket.connect, socket.getaddrinfo
+
+    def guarded_connect(sock: socket.socket, address: object) -> object:
+        if sock.family in (socket.AF_INET, socket.AF_INET6) and address[0] not in _LOCAL_HOSTS:
+            OUTBOUND_ATTEMPTS.append(f"connect {address}")
+            raise OSError(f"tests may not connect to {address} (only 127.0.0.1)")
+        return connect(sock, address)
+
+    def guarded_getaddrinfo(host: object, *args: object, **kwargs: object) -> object:
+        name = host.decode() if isinstance(host, bytes) else host
+        if name is not None and name not in _LOCAL_HOSTS and not _is_ip_literal(name):
+            OUTBOUND_ATTEMPTS.append(f"resolve {name}")
+            raise socket.gaierror(socket.EAI_NONAME, f"tests may not resolve {name}")
+        return getaddrinfo(host, *args, **kwargs)
+
+    socket.socket.connect = guarded_connect
+    socket.getaddrinfo = guarded_getaddrinfo
+
+
+@pytest.fixture
+def outbound_expected() -> Iterator[list[str]]:
+    """For tests of what happens when a remote resource is unreachable: the attempts they make are
+    still refused, and handed to the test instead of failing the session."""
+    before = len(OUTBOUND_ATTEMPTS)
+    seen: list[str] = []
+    yield seen
+    seen.extend(OUTBOUND_ATTEMPTS[before:])
+    del OUTBOUND_ATTEMPTS[before:]
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if OUTBOUND_ATTEMPTS:
+        print(f"\nerror: the tests tried to reach the network: {sorted(set(OUTBOUND_ATTEMPTS))}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    _guard_network()
     import tensorflow as tf
 
     cpus = tf.config.list_physical_devices("CPU")

@@ -38,3 +38,17 @@ def test_gcs_emulator_round_trip(gcs_bucket):
     names = [b.name for b in client.list_blobs(gcs_bucket)]
     assert names == ["a/b.txt"]
     assert client.bucket(gcs_bucket).blob("a/b.txt").download_as_bytes() == b"hello"
+
+
+def test_network_beyond_this_machine_is_refused_and_recorded():
+    import socket
+
+    import conftest
+
+    before = len(conftest.OUTBOUND_ATTEMPTS)
+    with pytest.raises(OSError):
+        socket.create_connection(("192.0.2.1", 80), timeout=1)  # TEST-NET-1: never routable
+    with pytest.raises(OSError):
+        socket.getaddrinfo("example.com", 443)
+    assert conftest.OUTBOUND_ATTEMPTS[before:] == ["connect ('192.0.2.1', 80)", "resolve example.com"]
+    del conftest.OUTBOUND_ATTEMPTS[before:]  # expected here; any other attempt fails the session

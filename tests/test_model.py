@@ -60,7 +60,7 @@ def test_any_size_backbone_only_warns_off_its_nominal_size(strategy, backbone_di
     "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5",
     "/nonexistent/backbone",
 ])
-def test_unreachable_handle_names_the_flag_and_the_way_out(strategy, handle) -> None:
+def test_unreachable_handle_names_the_flag_and_the_way_out(strategy, handle, outbound_expected) -> None:
     with strategy.scope(), pytest.raises(model_lib.BackboneError) as caught:
         model_lib.load_backbone(handle)
     message = str(caught.value)

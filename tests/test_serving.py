@@ -132,7 +132,9 @@ def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(e
     request_path = tmp_path / "request.json"
     request_path.write_text(json.dumps(request))
     site_packages = sysconfig.get_paths()["purelib"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    # TF_USE_LEGACY_KERAS is set in this process by `import tensorflow_transform` (other tests); a
+    # serving process has no reason to carry it, and it would make TensorFlow load tf_keras.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "TF_USE_LEGACY_KERAS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     done = subprocess.run(
         [sys.executable, "-I", "-S", "-c", _FRESH_PROCESS, site_packages, exported["path"], str(request_path)],

@@ -198,7 +198,7 @@ def test_image_size_mismatch_with_a_fixed_size_backbone(small_dataset, tmp_path,
     assert f"error: --hub_handle {fixed} takes 48x48 images but the dataset holds 32x32" in err
 
 
-def test_unreachable_hub_handle(small_dataset, tmp_path, capsys) -> None:
+def test_unreachable_hub_handle(small_dataset, tmp_path, capsys, outbound_expected) -> None:
     handle = "https://tfhub.dev/google/imagenet/mobilenet_v2_100_224/feature_vector/5"
     start = time.monotonic()
     code = task.main(["--data_dir", small_dataset, "--model_dir", str(tmp_path / "m"), "--hub_handle", handle])
