@@ -153,7 +153,7 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
 
 def fetch_many(uris: Sequence[str], options: FetchOptions, max_workers: int = 16,
                base: str | None = None) -> list[bytes | FetchError]:
-    """Fetches concurrently on threads so that latency, not the CPU, overlaps; keeps input order.
+    """Fetches network URIs concurrently on threads so that their latency overlaps; keeps input order.
     Each failure is returned in its row's place as a FetchError rather than raised."""
     def one(uri: str) -> bytes | FetchError:
         try:
@@ -161,10 +161,19 @@ def fetch_many(uris: Sequence[str], options: FetchOptions, max_workers: int = 16
         except FetchError as err:
             return err
 
-    if not uris:
-        return []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=min(max_workers, len(uris))) as pool:
-        return list(pool.map(one, uris))
+    # Only network reads overlap usefully; local files are read inline, which saves the thread
+    # hand-offs that otherwise cost more than the read itself (benchmarks/README.md).
+    results: list[bytes | FetchError] = [b""] * len(uris)
+    remote = [i for i, uri in enumerate(uris) if urllib.parse.urlsplit(uri).scheme.lower() in ("http", "https", "gs")]
+    remote_set = set(remote)
+    for i, uri in enumerate(uris):
+        if i not in remote_set:
+            results[i] = one(uri)
+    if remote:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(max_workers, len(remote))) as pool:
+            for i, result in zip(remote, pool.map(one, [uris[i] for i in remote])):
+                results[i] = result
+    return results
 
 
 def _reader(resolved: str, base: str | None, options: FetchOptions) -> Callable[[], bytes]:
