@@ -168,34 +168,10 @@ def train_step(args: argparse.Namespace, run_dir: str) -> None:
     _subprocess("train", argv)
 
 
-def _test_split(data_dir: str) -> tuple[list[str], list[bytes], Any]:
-    """(labels, encoded images, multi-hot [n, K]) of the run's test split."""
-    import numpy as np
+def _load_servable(export_dir: str, labels: list[str]) -> tuple[Any, Any]:
+    """(serving signature, tuned thresholds) of an export, after checking it predicts `labels`."""
     import tensorflow as tf
 
-    from trainer import data
-
-    info = data.read_dataset_info(data_dir)
-    split = info.split("test")
-    if split.examples == 0:
-        raise StepError(f"the test split of {data_dir} is empty: challenger and champion cannot be compared "
-                        "(raise --test_fraction)")
-    spec = {"image": tf.io.FixedLenFeature([], tf.string),
-            "labels": tf.io.FixedLenFeature([info.num_labels], tf.int64)}
-    images, labels = [], []
-    for record in tf.data.TFRecordDataset(list(split.files), compression_type="GZIP"):
-        example = tf.io.parse_single_example(record, spec)
-        images.append(example["image"].numpy())
-        labels.append(example["labels"].numpy())
-    return list(info.labels), images, np.asarray(labels)
-
-
-def score_export(export_dir: str, images: list[bytes], y_true: Any, labels: list[str], beta: float) -> dict:
-    """Runs a served model on encoded images; returns trainer.evaluation's metrics at its own thresholds."""
-    import numpy as np
-    import tensorflow as tf
-
-    from trainer.evaluation import evaluate
     from trainer.thresholds import thresholds_from_json
 
     with tf.io.gfile.GFile(_join(export_dir, "assets", "labels.txt")) as f:
@@ -205,10 +181,37 @@ def score_export(export_dir: str, images: list[bytes], y_true: Any, labels: list
                         "they cannot be compared on the same test split")
     with tf.io.gfile.GFile(_join(export_dir, "assets", "thresholds.json")) as f:
         _, thresholds = thresholds_from_json(f.read())
-    serve = tf.saved_model.load(export_dir).signatures["serving_default"]
-    probs = [serve(image_bytes=tf.constant(images[i:i + SCORING_BATCH]))["probabilities"].numpy()
-             for i in range(0, len(images), SCORING_BATCH)]
-    return evaluate(y_true, np.concatenate(probs), labels, thresholds, beta)
+    return tf.saved_model.load(export_dir).signatures["serving_default"], thresholds
+
+
+def score_exports(data_dir: str, export_dirs: list[str], beta: float) -> tuple[int, list[dict]]:
+    """Runs each served model on the stored images of the test split, streaming it in batches, and
+    returns (examples, trainer.evaluation metrics per model at that model's own thresholds)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from trainer import data
+    from trainer.evaluation import evaluate
+
+    info = data.read_dataset_info(data_dir)
+    split = info.split("test")
+    if split.examples == 0:
+        raise StepError(f"the test split of {data_dir} is empty: challenger and champion cannot be compared "
+                        "(raise --test_fraction)")
+    labels = list(info.labels)
+    servables = [_load_servable(export_dir, labels) for export_dir in export_dirs]
+    spec = {"image": tf.io.FixedLenFeature([], tf.string),
+            "labels": tf.io.FixedLenFeature([info.num_labels], tf.int64)}
+    records = (tf.data.TFRecordDataset(list(split.files), compression_type="GZIP")
+               .map(lambda record: tf.io.parse_single_example(record, spec)).batch(SCORING_BATCH))
+    truth, probs = [], [[] for _ in servables]
+    for batch in records:
+        truth.append(batch["labels"].numpy())
+        for k, (serve, _) in enumerate(servables):
+            probs[k].append(serve(image_bytes=batch["image"])["probabilities"].numpy())
+    y_true = np.concatenate(truth)
+    return len(y_true), [evaluate(y_true, np.concatenate(p), labels, thresholds, beta)
+                         for p, (_, thresholds) in zip(probs, servables)]
 
 
 def gate_value(metrics: dict, metric: str) -> float:
@@ -234,18 +237,19 @@ def promote_step(args: argparse.Namespace, run_id: str, run_dir: str, champion: 
     run_info = _read_json(_join(run_dir, "model", "run.json"))
     if not run_info or not run_info.get("export_path"):
         raise StepError(f"{run_dir}/model has no finished training run (run.json with export_path): run the train step")
-    labels, images, y_true = _test_split(_join(run_dir, "dataset"))
-    challenger_metrics = score_export(run_info["export_path"], images, y_true, labels, args.beta)
+    exports = [run_info["export_path"]] + ([champion["export_path"]] if champion else [])
+    examples, metrics = score_exports(_join(run_dir, "dataset"), exports, args.beta)
+    challenger_metrics = metrics[0]
     challenger = gate_value(challenger_metrics, args.metric)
     champion_value, champion_metrics = None, None
     if champion:
-        champion_metrics = score_export(champion["export_path"], images, y_true, labels, args.beta)
+        champion_metrics = metrics[1]
         champion_value = gate_value(champion_metrics, args.metric)
     promote, reason = decide(challenger, champion_value, args.tolerance, args.min_metric)
     decision = {
         "run_id": run_id,
         "metric": args.metric,
-        "test_examples": len(images),
+        "test_examples": examples,
         "challenger": {"export_path": run_info["export_path"], "value": challenger,
                        "macro_f1": challenger_metrics["at_tuned"]["macro_f1"],
                        "macro_average_precision": challenger_metrics["macro_average_precision"]},
