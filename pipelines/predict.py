@@ -23,7 +23,6 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
-from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import cli, dataset_info, fetch, images, manifests
 from pipelines.examples import fetch_rows
