@@ -70,13 +70,13 @@ def test_unreachable_handle_names_the_flag_and_the_way_out(strategy, handle, out
 
 
 def test_batch_runner_keeps_outputs_aligned_on_both_replicas(strategy, backbone_dir, tmp_path) -> None:
-    root = write_dataset(str(tmp_path / "ds"), {"val": 36}, 24, LABELS, seed=2, shards=3)
+    root = write_dataset(str(tmp_path / "ds"), {"val": 35}, 24, LABELS, seed=2, shards=3)
     info = data.read_dataset_info(root)
     with strategy.scope():
         backbone = model_lib.load_backbone(backbone_dir)
-    # 36 = 4 x 8 + 4: the short last batch is padded to 8 and the padding dropped again.
-    features, labels = model_lib.BatchRunner(strategy, backbone.features, 8)(data.image_dataset(info, "val", 8))
-    images, expected_labels = next(iter(data.image_dataset(info, "val", 36)))
+    # 35 = 4 x 8 + 3: the short last batch is padded to 4 (2 replicas) and the padding dropped again.
+    features, labels = model_lib.BatchRunner(strategy, backbone.features)(data.image_dataset(info, "val", 8))
+    images, expected_labels = next(iter(data.image_dataset(info, "val", 35)))
     plain = tf.saved_model.load(backbone_dir)  # a second copy, outside any strategy
     np.testing.assert_allclose(features, plain(images, False).numpy(), atol=1e-5)
     np.testing.assert_array_equal(labels, expected_labels.numpy())

@@ -236,17 +236,17 @@ class BatchRunner:
 
     Returns (outputs, labels) in the dataset's order: each global batch is split across replicas
     in order and the per-replica results are concatenated back in that order, so outputs stay
-    aligned with the labels that travelled with them. A short last batch is padded to the global
-    batch size and the padding dropped afterwards, so every replica always gets the same shape
-    and the step is traced once, however many datasets the runner is given.
+    aligned with the labels that travelled with them. A short last batch is padded only to a
+    multiple of the replica count (so every replica gets the same number of rows) and the padding
+    dropped afterwards: padding it to the global batch would push up to a whole batch of blank
+    images through the backbone per split. The step is traced for a dynamic batch dimension.
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy, fn: Callable[[tf.Tensor], tf.Tensor],
-                 global_batch_size: int) -> None:
+    def __init__(self, strategy: tf.distribute.Strategy, fn: Callable[[tf.Tensor], tf.Tensor]) -> None:
         self._strategy = strategy
-        self._batch = global_batch_size
+        self._replicas = strategy.num_replicas_in_sync
 
-        @tf.function
+        @tf.function(reduce_retracing=True)
         def step(inputs: tf.Tensor, labels: tf.Tensor, real: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             return strategy.run(lambda x, y, r: (fn(x), y, r), args=(inputs, labels, real))
 
@@ -254,8 +254,10 @@ class BatchRunner:
 
     def __call__(self, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
         def pad(inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            real = tf.range(self._batch) < tf.shape(inputs)[0]
-            return _pad_rows(inputs, self._batch), _pad_rows(labels, self._batch), real
+            count = tf.shape(inputs)[0]
+            rows = -(-count // self._replicas) * self._replicas
+            real = tf.range(rows) < count
+            return _pad_rows(inputs, rows), _pad_rows(labels, rows), real
 
         local = self._strategy.experimental_local_results
         outputs, labels, real = [], [], []

@@ -179,7 +179,7 @@ def _extract_features(strategy: tf.distribute.Strategy, info: data.DatasetInfo, 
                       cache: FeatureCache, batch_size: int, timings: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     features = {}
     images, seconds = 0, 0.0
-    extract = model_lib.BatchRunner(strategy, backbone.features, batch_size)
+    extract = model_lib.BatchRunner(strategy, backbone.features)
     for split in data.SPLITS:
         if info.split(split).examples == 0:
             continue
@@ -284,7 +284,7 @@ def train(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: mo
 
     # On the cached path the head on cached features computes what full_model computes on the images.
     probabilities = model_lib.BatchRunner(
-        strategy, lambda x: tf.sigmoid((head if cached else full_model)(x, training=False)), config.batch_size
+        strategy, lambda x: tf.sigmoid((head if cached else full_model)(x, training=False))
     )
 
     def predict(split: str) -> tuple[np.ndarray, np.ndarray] | None:
