@@ -121,7 +121,7 @@ def test_cached_features_train_like_the_full_backbone(tiny_backbone, tmp_path) -
         backbone = model_lib.load_backbone(tiny_backbone)
     results = {}
     for mode in ("auto", "off"):
-        config = TrainConfig(epochs=4, batch_size=16, learning_rate=0.01, hidden_units=16, dropout=0.0,
+        config = TrainConfig(epochs=10, batch_size=16, learning_rate=0.02, hidden_units=16, dropout=0.0,
                              seed=9, early_stopping_patience=10, feature_cache=mode)
         results[mode] = train(strategy, info, backbone, config, OutputDirs.under(str(tmp_path / mode)))
     cached, full = results["auto"], results["off"]
@@ -138,6 +138,24 @@ def test_cached_features_train_like_the_full_backbone(tiny_backbone, tmp_path) -
     # The assembled model (backbone + the head trained on cached features) gives the same probabilities.
     images, _ = next(iter(data.image_dataset(info, "val", 40)))
     np.testing.assert_allclose(tf.sigmoid(cached.model(images)).numpy(), cached.predict("val")[0], atol=1e-5)
+
+
+def test_fine_tuning_starts_from_a_head_trained_on_cached_features(tiny_backbone, small_dataset, tmp_path) -> None:
+    info = data.read_dataset_info(small_dataset)
+    strategy = model_lib.setup_strategy(2)
+    results = {}
+    for mode in ("auto", "off"):  # "off": no feature cache, so no warm start either
+        with strategy.scope():
+            backbone = model_lib.load_backbone(tiny_backbone, trainable=True)
+        config = TrainConfig(epochs=1, batch_size=16, learning_rate=0.01, seed=4, fine_tune_layers=2,
+                             early_stopping_patience=4, feature_cache=mode, warm_start_epochs=30)
+        results[mode] = train(strategy, info, backbone, config, OutputDirs.under(str(tmp_path / mode)))
+    warm, cold = results["auto"], results["off"]
+    assert warm.path == cold.path == THROUGH_BACKBONE
+    assert "warm_start_s" in warm.timings and "warm_start_s" not in cold.timings
+    assert os.listdir(tmp_path / "auto" / "feature_cache") and not os.path.exists(tmp_path / "off" / "feature_cache")
+    # The head arrives trained: its first fine-tuning epoch starts far below a random head's.
+    assert warm.history["val_loss"][0] < 0.8 * cold.history["val_loss"][0]
 
 
 def _history_rows(path: str) -> int:

@@ -33,9 +33,16 @@ CACHED = "cached_features"
 THROUGH_BACKBONE = "backbone"
 
 
+# Maximum epochs when --epochs is not given. Early stopping ends training on either path; on
+# cached features an epoch costs well under a second and a linear head on a few thousand examples
+# (15 steps per epoch at batch 256) is still improving at 30 epochs (benchmarks/README.md, quality),
+# while through the backbone every epoch is a full pass through the network.
+DEFAULT_EPOCHS = {CACHED: 300, THROUGH_BACKBONE: 30}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 30
+    epochs: int | None = None  # None: DEFAULT_EPOCHS of the training path
     batch_size: int = 256  # global: split across replicas
     learning_rate: float = 1e-3
     hidden_units: int = 0
@@ -47,6 +54,9 @@ class TrainConfig:
     fine_tune_learning_rate: float = 1e-5
     augment: str = "none"
     early_stopping_patience: int = 5
+    # Fine-tuning first trains the head on cached features for at most this many epochs (early
+    # stopping usually ends it sooner; an epoch on cached features takes well under a second).
+    warm_start_epochs: int = 300
     feature_cache: str = "auto"  # "auto": cached-feature path when it applies; "off": never
 
 
@@ -221,6 +231,34 @@ def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool) ->
     ]
 
 
+def _warm_start_head(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: model_lib.Backbone,
+                     head: tf_keras.Model, config: TrainConfig, dirs: OutputDirs, timings: dict[str, float]) -> None:
+    """Trains `head` on cached features of the frozen backbone until early stopping, before fine-tuning.
+
+    Unfreezing the backbone under a randomly initialised head sends large, noisy gradients into
+    pre-trained weights and spends the first fine-tuning epochs (each a pass through the
+    backbone) on what the cached features learn in seconds. Not checkpointed: a killed job redoes
+    it from the feature cache, unless the fine-tuning stage has a backup (which holds the head).
+    """
+    cache = FeatureCache(dirs.feature_cache, info, backbone)
+    features = _extract_features(strategy, info, backbone, cache, config.batch_size, timings)
+    monitor = "val_loss" if "val" in features else "loss"
+    with strategy.scope():
+        head.compile(optimizer=tf_keras.optimizers.Adam(config.learning_rate), loss=get_loss(config.loss, config.pos_weight))
+    start = time.perf_counter()
+    history = head.fit(
+        data.feature_dataset(*features["train"], config.batch_size, training=True, seed=config.seed),
+        validation_data=data.feature_dataset(*features["val"], config.batch_size) if "val" in features else None,
+        epochs=config.warm_start_epochs, verbose=0,
+        callbacks=[tf_keras.callbacks.EarlyStopping(monitor=monitor, patience=config.early_stopping_patience,
+                                                    restore_best_weights=True),
+                   tf_keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
+                                                        patience=max(1, config.early_stopping_patience // 2))])
+    timings["warm_start_s"] = time.perf_counter() - start
+    log.info("warm start: head trained on cached features for %d epochs (best %s %.4f) in %.1f s",
+             len(history.epoch), monitor, min(history.history[monitor]), timings["warm_start_s"])
+
+
 def train(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: model_lib.Backbone,
           config: TrainConfig, dirs: OutputDirs) -> TrainResult:
     """Trains the head (and the top of the backbone when fine-tuning) and returns the best model."""
@@ -245,6 +283,10 @@ def train(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: mo
         train_data = data.image_dataset(info, "train", config.batch_size, training=True, seed=config.seed, augment=config.augment)
         val_data = data.image_dataset(info, "val", config.batch_size) if has_val else None
 
+    resuming = tf.train.latest_checkpoint(data.join_path(dirs.backup, "chief")) is not None
+    if config.fine_tune_layers > 0 and config.warm_start_epochs > 0 and config.feature_cache != "off" and not resuming:
+        _warm_start_head(strategy, info, backbone, head, config, dirs, timings)
+
     with strategy.scope():
         if cached:
             fit_model = head
@@ -263,18 +305,18 @@ def train(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: mo
             metrics=training_metrics(info.num_labels),
         )
 
-    resuming = tf.train.latest_checkpoint(data.join_path(dirs.backup, "chief")) is not None
     if not resuming and tf.io.gfile.exists(dirs.history_csv):
         tf.io.gfile.remove(dirs.history_csv)  # a finished earlier run in the same model_dir
     if not has_val:
         log.warning("the val split is empty: early stopping, LR schedule and checkpoints follow the TRAINING loss")
     callbacks = _callbacks(dirs, monitor, config.early_stopping_patience, resuming)
     start = time.perf_counter()
-    fit_history = fit_model.fit(train_data, validation_data=val_data, epochs=config.epochs, callbacks=callbacks, verbose=2)
+    epochs = config.epochs or DEFAULT_EPOCHS[path]
+    fit_history = fit_model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=2)
     timings["fit_s"] = time.perf_counter() - start
     if tf.io.gfile.exists(dirs.best_weights + ".index"):
         fit_model.load_weights(dirs.best_weights)  # the best epoch across restarts, not just this run
-    initial_epoch = fit_history.epoch[0] if fit_history.epoch else config.epochs
+    initial_epoch = fit_history.epoch[0] if fit_history.epoch else epochs
 
     if cached:
         with strategy.scope():
