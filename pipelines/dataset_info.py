@@ -1,7 +1,7 @@
 """The dataset directory's metadata: dataset.json (the commit marker), labels.txt, the dead letter.
 
 All paths go through Beam's FileSystems, so local folders, gs:// and GCS emulators behave alike.
-dataset.json is built from what the pipeline itself wrote (shard stats, the rejected records, the
+dataset.json is built from what the pipeline itself wrote (shard stats, the dead-letter files, the
 count of input rows), not from metrics, which some runners report late or not at all.
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.manifests import UsageError
+from pipelines.shards import ShardPlan
 from pipelines.splits import SPLITS
 
 FORMAT_VERSION = 1
@@ -152,12 +153,28 @@ def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: di
     }
 
 
-def commit(_: Any, *, output: str, labels: Sequence[str], options: dict[str, Any], input_rows: int,
-           rejected_by_reason: dict[str, int], shards: Sequence[dict[str, Any]],
-           rejected_files: Sequence[str]) -> dict[str, Any]:
+def count_rejected(rejected_files: Sequence[str]) -> dict[str, int]:
+    """Rejected rows by "stage:reason", counted in the dead-letter files as written."""
+    counts: dict[str, int] = {}
+    for path in rejected_files:
+        with FileSystems.open(path) as handle:
+            for line in handle.read().decode("utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    key = f"{record['stage']}:{record['reason']}"
+                    counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def commit(_: Any, *, output: str, plan: ShardPlan, stats: dict[str, Any], options: dict[str, Any],
+           shards: Sequence[dict[str, Any]], rejected_files: Sequence[str]) -> dict[str, Any] | None:
     """Writes labels.txt, then dataset.json, last. Runs after every shard and dead-letter file is
-    final, because their outputs are its side inputs."""
-    info = build_info(labels=labels, input_rows=input_rows, rejected_by_reason=rejected_by_reason,
+    final, because their outputs are its side inputs. Without labels (no usable row, or no label
+    left) it writes nothing: no row was encoded, and the driver reports why."""
+    labels = plan.labels
+    if not labels:
+        return None
+    info = build_info(labels=labels, input_rows=stats["input_rows"], rejected_by_reason=count_rejected(rejected_files),
                       shards=shards, rejected_files=rejected_files, options=options)
     write_bytes(join(output, LABELS_TXT), "".join(f"{label}\n" for label in labels).encode("utf-8"))
     write_json(join(output, DATASET_JSON), info)
@@ -165,19 +182,20 @@ def commit(_: Any, *, output: str, labels: Sequence[str], options: dict[str, Any
 
 
 class CommitDataset(beam.PTransform):
-    """Side inputs: input row count, rejected counts by "stage:reason", shard stats, dead-letter files."""
+    """Side inputs: the plan (its labels), the manifest stats (input rows), shard stats, dead-letter files."""
 
-    def __init__(self, output: str, labels: Sequence[str], options: dict[str, Any]) -> None:
+    def __init__(self, output: str, options: dict[str, Any]) -> None:
         super().__init__()
-        self._output, self._labels, self._options = output, list(labels), options
+        self._output, self._options = output, options
 
     def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
-        return (inputs["input_rows"].pipeline
+        # A main input of its own: one shared with an upstream side input can deadlock stage ordering.
+        return (inputs["plan"].pipeline
                 | "Once" >> beam.Create([None])
                 | "Commit" >> beam.Map(
-                    commit, output=self._output, labels=self._labels, options=self._options,
-                    input_rows=beam.pvalue.AsSingleton(inputs["input_rows"]),
-                    rejected_by_reason=beam.pvalue.AsDict(inputs["rejected_by_reason"]),
+                    commit, output=self._output, options=self._options,
+                    plan=beam.pvalue.AsSingleton(inputs["plan"]),
+                    stats=beam.pvalue.AsSingleton(inputs["stats"]),
                     shards=beam.pvalue.AsList(inputs["shards"]),
                     rejected_files=beam.pvalue.AsList(inputs["rejected_files"])))
 

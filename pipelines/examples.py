@@ -1,4 +1,6 @@
-"""Per-row stages of the main pass: labels -> multi-hot ids, fetch + decode + resize, tf.train.Example.
+"""Per-row work of the pipeline: labels -> multi-hot ids, fetch + decode + resize, tf.train.Example,
+and the shard each example goes to, in one step (`EncodeRows`) so that a row crosses as few Beam
+transforms as possible.
 
 Every outcome is a named counter in the "tagbeam" namespace, and every failure a dead-letter record
 on the `rejected` output, so one bad row costs that row only.
@@ -9,43 +11,17 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
 
 from pipelines import fetch, images
 from pipelines.manifests import REJECTED_TAG, Row, count, reject_row
-from pipelines.shards import Encoded
+from pipelines.shards import Encoded, ShardPlan, plan_shard_counts, shard_key
 from pipelines.splits import split_of
 
 _LOG = logging.getLogger(__name__)
-
-
-class EncodeLabels(beam.DoFn):
-    """Row -> (Row, sorted label ids). Labels outside the vocabulary are ignored (and counted);
-    a row left without any known label is rejected (`labels`/`no_known_label`) or kept all-zero."""
-
-    def __init__(self, labels: Sequence[str], keep_unlabeled: bool) -> None:
-        self._index = {label: i for i, label in enumerate(labels)}
-        self._keep_unlabeled = keep_unlabeled
-
-    def process(self, row: Row) -> Iterator[Any]:
-        ids = sorted({self._index[label] for label in row.labels if label in self._index})
-        unknown = sum(1 for label in row.labels if label not in self._index)
-        if unknown:
-            beam.metrics.Metrics.counter("tagbeam", "labels_ignored").inc(unknown)
-        if ids:
-            yield row, tuple(ids)
-            return
-        count("rows_without_known_label")
-        if self._keep_unlabeled:
-            yield row, ()
-            return
-        count("rejected_labels_no_known_label")
-        known = ", ".join(row.labels) if row.labels else "none"
-        yield beam.pvalue.TaggedOutput(REJECTED_TAG, reject_row(
-            row, "labels", "no_known_label", f"no label of this row is in the vocabulary (row labels: {known})"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +31,7 @@ class ExampleOptions:
     fetch_concurrency: int
     val_fraction: float
     test_fraction: float
-    num_labels: int
+    keep_unlabeled: bool = False  # rows without a known label: kept all-zero, or rejected
 
 
 def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int) -> bytes:
@@ -87,53 +63,109 @@ def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions, concurrency: in
     return fetched
 
 
-class FetchAndEncode(beam.DoFn):
-    """A batch of (Row, label ids) -> Encoded examples; fetch and decode failures -> rejected.
+Result = Encoded | dict  # an example, or a dead-letter record
+
+
+def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tuple[int, ...] | dict:
+    """Sorted ids of the row's known labels, or its dead-letter record. Labels outside the
+    vocabulary are ignored (and counted); a row left without any known label is rejected
+    (`labels`/`no_known_label`) or kept all-zero."""
+    ids = tuple(sorted({index[label] for label in row.labels if label in index}))
+    unknown = len(row.labels) - sum(1 for label in row.labels if label in index)
+    if unknown:
+        beam.metrics.Metrics.counter("tagbeam", "labels_ignored").inc(unknown)
+    if ids:
+        return ids
+    count("rows_without_known_label")
+    if keep_unlabeled:
+        return ids
+    count("rejected_labels_no_known_label")
+    known = ", ".join(row.labels) if row.labels else "none"
+    return reject_row(row, "labels", "no_known_label",
+                      f"no label of this row is in the vocabulary (row labels: {known})")
+
+
+def _encode(row: Row, label_ids: tuple[int, ...], data: bytes | fetch.FetchError, opts: ExampleOptions,
+            num_labels: int) -> Result:
+    if isinstance(data, fetch.FetchError):
+        count(f"rejected_fetch_{data.reason}")
+        return reject_row(row, "fetch", data.reason, data.detail)
+    count("images_fetched")
+    beam.metrics.Metrics.counter("tagbeam", "bytes_fetched").inc(len(data))
+    try:
+        image = images.process(data, opts.image)
+    except images.ImageError as err:
+        count(f"rejected_decode_{err.reason}")
+        return reject_row(row, "decode", err.reason, err.detail)
+    count("images_decoded")
+    split = split_of(row.id, opts.val_fraction, opts.test_fraction)
+    return Encoded(split, row.id, to_example(row.id, image, label_ids, num_labels), label_ids)
+
+
+def encode_rows(rows: Sequence[Row], labels: Sequence[str], opts: ExampleOptions) -> list[Result]:
+    """One result per row, in order. Rows without a known label are rejected before any fetch;
+    the others' images are fetched concurrently (`fetch_rows`), then decoded row by row."""
+    index = {label: i for i, label in enumerate(labels)}
+    results: list[Any] = [None] * len(rows)
+    wanted: list[tuple[int, tuple[int, ...]]] = []
+    for i, row in enumerate(rows):
+        ids = _label_ids(row, index, opts.keep_unlabeled)
+        if isinstance(ids, dict):
+            results[i] = ids
+        else:
+            wanted.append((i, ids))
+    fetched = fetch_rows([rows[i] for i, _ in wanted], opts.fetch, opts.fetch_concurrency)
+    for (i, ids), data in zip(wanted, fetched):
+        results[i] = _encode(rows[i], ids, data, opts, len(labels))
+    return results
+
+
+def plan_shards(stats: dict[str, Any], labels: Sequence[str], opts: ExampleOptions, target_bytes: int) -> ShardPlan:
+    """Encodes the manifest's size sample (`stats["sample"]`, see pipelines.shards) and sizes the
+    splits' shards from it and the rows per split. Nothing is fetched without labels: the run
+    is about to end in a usage error."""
+    if not labels:
+        return ShardPlan([], {}, {})
+    sample = stats["sample"]
+    results = encode_rows(sample, labels, opts)
+    sizes = [len(r.record) if isinstance(r, Encoded) else 0 for r in results]
+    return ShardPlan(list(labels), plan_shard_counts(stats["rows_per_split"], sizes, target_bytes),
+                     {row.id: result for row, result in zip(sample, results)})
+
+
+class EncodeRows(beam.DoFn):
+    """A batch of Rows -> ((split, shard, shards), (id, example, label ids)) for `WriteShards`;
+    rejected rows -> `rejected`. Side input: the ShardPlan.
 
     Batches let `fetch_many` overlap the network latency of many rows on threads inside a
-    worker; decoding then runs row by row (CPU-bound, parallel across workers).
+    worker; decoding then runs row by row (CPU-bound, parallel across workers). Logs (INFO) the
+    count and rate of examples every `every_s` seconds per worker.
     """
 
-    def __init__(self, options: ExampleOptions) -> None:
+    def __init__(self, options: ExampleOptions, every_s: float = 10.0) -> None:
         self._options = options
-
-    def process(self, batch: Sequence[tuple[Row, tuple[int, ...]]]) -> Iterator[Any]:
-        opts = self._options
-        fetched = fetch_rows([row for row, _ in batch], opts.fetch, opts.fetch_concurrency)
-        for (row, label_ids), data in zip(batch, fetched):
-            if isinstance(data, fetch.FetchError):
-                count(f"rejected_fetch_{data.reason}")
-                yield beam.pvalue.TaggedOutput(REJECTED_TAG, reject_row(row, "fetch", data.reason, data.detail))
-                continue
-            count("images_fetched")
-            beam.metrics.Metrics.counter("tagbeam", "bytes_fetched").inc(len(data))
-            try:
-                image = images.process(data, opts.image)
-            except images.ImageError as err:
-                count(f"rejected_decode_{err.reason}")
-                yield beam.pvalue.TaggedOutput(REJECTED_TAG, reject_row(row, "decode", err.reason, err.detail))
-                continue
-            count("images_decoded")
-            split = split_of(row.id, opts.val_fraction, opts.test_fraction)
-            yield Encoded(split, row.id, to_example(row.id, image, label_ids, opts.num_labels), label_ids)
-
-
-class LogProgress(beam.DoFn):
-    """Passes elements through, logging (INFO) the count and rate every `every_s` seconds per worker."""
-
-    def __init__(self, what: str, every_s: float = 10.0) -> None:
-        self._what = what
         self._every_s = every_s
 
     def setup(self) -> None:
         self._start = self._last = time.monotonic()
         self._seen = 0
 
-    def process(self, element: Any) -> Iterator[Any]:
+    def process(self, batch: Sequence[Row], plan: ShardPlan) -> Iterator[Any]:
+        if not plan.labels:  # no usable row or no label: the driver reports it; fetch nothing
+            return
+        encoded = iter(encode_rows([row for row in batch if row.id not in plan.sample], plan.labels, self._options))
+        for row in batch:
+            result = plan.sample[row.id] if row.id in plan.sample else next(encoded)
+            if isinstance(result, Encoded):
+                self._progress()
+                yield shard_key(result, plan.num_shards)
+            else:
+                yield beam.pvalue.TaggedOutput(REJECTED_TAG, result)
+
+    def _progress(self) -> None:
         self._seen += 1
         now = time.monotonic()
         if now - self._last >= self._every_s:
             self._last = now
-            _LOG.info("%d %s so far on this worker (%.1f/s)", self._seen, self._what,
+            _LOG.info("%d images encoded so far on this worker (%.1f/s)", self._seen,
                       self._seen / max(now - self._start, 1e-9))
-        yield element

@@ -3,12 +3,11 @@
     python -m pipelines.preprocess --input MovieGenre.csv --output out/ --min_label_count 1000 \\
         [--runner DataflowRunner --project P --region R --temp_location gs://b/tmp --setup_file ./setup.py]
 
-Two pipelines run, on the same runner:
-1. analysis (labels only, no images): parse, drop duplicate ids, count labels, and compute the label
-   vocabulary with tensorflow-transform into <output>/transform_output/;
-2. main: parse, drop duplicate ids, encode labels, fetch + decode + resize images in batches, split
-   by a hash of the id, write byte-sized GZIP TFRecord shards and the dead letter
-   (rejected-*.jsonl), then labels.txt and, last, dataset.json.
+One Beam pipeline: parse, drop duplicate ids, count labels and compute the label vocabulary with
+tensorflow-transform into <output>/transform_output/ (from the manifest alone, before any image is
+fetched); then, with the labels as a side input, encode labels, fetch + decode + resize images in
+batches, split by a hash of the id, write byte-sized GZIP TFRecord shards and the dead letter
+(rejected-*.jsonl), then labels.txt and, last, dataset.json.
 Arguments this parser does not know go to Beam's PipelineOptions (--runner, --project, --region,
 --temp_location, --setup_file, --direct_num_workers, --direct_running_mode, ...).
 """
@@ -22,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import (
@@ -30,11 +29,12 @@ from apache_beam.options.pipeline_options import (
     PipelineOptions,
     StandardOptions,
 )
+from apache_beam.io.filesystems import FileSystems
 
 from pipelines import cli, dataset_info, fetch, images, manifests, splits, vocabulary
-from pipelines.examples import EncodeLabels, ExampleOptions, FetchAndEncode, LogProgress
+from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
 from pipelines.manifests import REJECTED_TAG, UsageError
-from pipelines.shards import WriteShards
+from pipelines.shards import ShardPlan, WriteShards
 
 _LOG = logging.getLogger("pipelines.preprocess")
 # Runners that execute on this machine: their workers can share a local temporary folder.
@@ -123,7 +123,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         raise UsageError("--target_shard_mb must be > 0 and --fetch_concurrency >= 1")
 
 
-def _options(args: argparse.Namespace, num_labels: int = 0) -> ExampleOptions:
+def _options(args: argparse.Namespace) -> ExampleOptions:
     try:
         fetch_options = fetch.FetchOptions(
             timeout_s=args.fetch_timeout_s, max_bytes=args.max_download_bytes, max_redirects=args.max_redirects,
@@ -135,7 +135,7 @@ def _options(args: argparse.Namespace, num_labels: int = 0) -> ExampleOptions:
     except ValueError as err:  # the option classes name the field; say it as a flag problem
         raise UsageError(f"invalid flag value: {err}") from None
     return ExampleOptions(fetch_options, image_options, args.fetch_concurrency, args.val_fraction,
-                          args.test_fraction, num_labels)
+                          args.test_fraction, args.unlabeled == "keep")
 
 
 def _runs_locally(options: PipelineOptions) -> bool:
@@ -144,7 +144,7 @@ def _runs_locally(options: PipelineOptions) -> bool:
 
 
 def _work_dir(options: PipelineOptions, local: bool, output: str) -> str:
-    """Scratch space for the analysis pass, readable by every worker."""
+    """Scratch space for the run (TFT's temporary files, the label stats), readable by every worker."""
     if local:
         return tempfile.mkdtemp(prefix="tagbeam-")
     if "://" not in output:
@@ -152,71 +152,63 @@ def _work_dir(options: PipelineOptions, local: bool, output: str) -> str:
                          "use a gs:// folder")
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if not temp_location:
-        raise UsageError("--temp_location is required with a remote --runner (the analysis pass stages files there)")
+        raise UsageError("--temp_location is required with a remote --runner (the vocabulary analysis stages "
+                         "files there)")
     return dataset_info.join(temp_location, f"tagbeam-{uuid.uuid4().hex}")
 
 
-def _read(p: beam.Pipeline, spec: manifests.ManifestSpec) -> tuple[Any, Any]:
+class _Paths(NamedTuple):
+    work_dir: str
+    transform_dir: str  # where dataset.json says the TFT output is
+    analysis_dir: str  # where TFT writes it: transform_dir, or a local folder copied there (see run)
+    vocab_path: str | None  # the normalized --vocab_file, a TFT asset
+
+    @property
+    def stats(self) -> str:
+        return dataset_info.join(self.work_dir, "label_stats.json")
+
+
+def _plan(_: Any, stats: dict[str, Any], fixed: Sequence[str] | None, paths: _Paths, options: ExampleOptions,
+          target_bytes: int) -> ShardPlan:
+    """The vocabulary and the shard plan, once TFT's output is in place (and published to --output,
+    so that dataset.json, written later, never precedes it). Empty labels when the run cannot go on."""
+    if paths.analysis_dir != paths.transform_dir:
+        dataset_info.copy_tree(paths.analysis_dir, paths.transform_dir)
+    labels = []
+    if stats["rows"]:
+        labels = list(fixed) if fixed else vocabulary.learned_labels(paths.analysis_dir, stats["label_counts"])
+    return plan_shards(stats, labels, options, target_bytes)
+
+
+def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] | None, paths: _Paths,
+          example_options: ExampleOptions, args: argparse.Namespace, options_record: dict[str, Any]) -> None:
+    """The whole job, ending in dataset.json: parse and de-duplicate the manifest; label stats and
+    the TFT vocabulary from the rows; then (with the labels and a shard plan as side inputs, so
+    after them) fetch, encode and shard every row; the dead letter; the commit."""
     parsed = p | "ReadManifest" >> manifests.ReadManifest(spec)
     unique = parsed.rows | "DropDuplicateIds" >> manifests.DropDuplicateIds()
-    return parsed, unique
-
-
-def analyze(args: argparse.Namespace, spec: manifests.ManifestSpec, options: PipelineOptions,
-            work_dir: str, transform_dir: str) -> tuple[list[str], dict[str, Any]]:
-    """The analysis pass: returns (labels in vocabulary order, label stats)."""
-    fixed = vocabulary.read_vocab_file(args.vocab_file) if args.vocab_file else None
-    vocab_path = None
-    if fixed:
-        # A normalized copy (no blank lines or padding) that every worker can read as a TFT asset.
-        vocab_path = dataset_info.write_bytes(dataset_info.join(work_dir, "vocab.txt"),
-                                              "".join(f"{label}\n" for label in fixed).encode("utf-8"))
-    stats_path = dataset_info.join(work_dir, "label_stats.json")
-    min_count = args.min_label_count or 1
-    with beam.Pipeline(options=options) as p:
-        parsed, unique = _read(p, spec)
-        rejected = (parsed.rejected, unique.rejected) | "AllRejected" >> beam.Flatten()
-        _ = (unique.rows, rejected) | "LabelStats" >> vocabulary.WriteLabelStats(stats_path)
-        _ = unique.rows | "Vocabulary" >> vocabulary.AnalyzeVocabulary(
-            transform_dir, dataset_info.join(work_dir, "tft_tmp"), min_count, args.max_labels, vocab_path)
-    stats = dataset_info.read_json(stats_path)
-    if stats["rows"] == 0:
-        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats["rejected_by_reason"].items()))
-        raise UsageError(f"--input {args.input}: no usable row among {stats['rejected']} ({reasons}); "
-                         "check the manifest's URI and id columns")
-    labels = fixed or vocabulary.learned_labels(transform_dir, stats["label_counts"], min_count)
-    return labels, stats
-
-
-def build_main(p: beam.Pipeline, spec: manifests.ManifestSpec, labels: Sequence[str], example_options: ExampleOptions,
-               args: argparse.Namespace, options_record: dict[str, Any]) -> None:
-    """The main pass, ending in dataset.json."""
-    parsed, unique = _read(p, spec)
-    labeled = unique.rows | "EncodeLabels" >> beam.ParDo(
-        EncodeLabels(labels, args.unlabeled == "keep")).with_outputs(REJECTED_TAG, main="rows")
-    encoded = (labeled.rows
+    stats = ((parsed.rows, unique.rows, (parsed.rejected, unique.rejected) | "EarlyRejected" >> beam.Flatten())
+             | "ManifestStats" >> vocabulary.ManifestStats(paths.stats, args.val_fraction, args.test_fraction))
+    analyzed = unique.rows | "Vocabulary" >> vocabulary.AnalyzeVocabulary(
+        paths.analysis_dir, dataset_info.join(paths.work_dir, "tft_tmp"), args.min_label_count or 1,
+        args.max_labels, paths.vocab_path)
+    # Plan's main input is TFT's completion signal; stats is a side input. (A PCollection that is
+    # both a side input upstream and a step's main input can make the local runner mis-order stages.)
+    plan = analyzed | "Plan" >> beam.Map(_plan, beam.pvalue.AsSingleton(stats), fixed, paths, example_options,
+                                         int(args.target_shard_mb * 2**20))
+    encoded = (unique.rows
                | "Batch" >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
-               | "FetchAndEncode" >> beam.ParDo(FetchAndEncode(example_options)).with_outputs(
-                   REJECTED_TAG, main="rows"))
-    shards = (encoded.rows
-              | "Progress" >> beam.ParDo(LogProgress("images encoded"))
-              | "WriteShards" >> WriteShards(args.output, len(labels), int(args.target_shard_mb * 2**20)))
-    rejected = ((parsed.rejected, unique.rejected, labeled.rejected, encoded.rejected)
-                | "AllRejected" >> beam.Flatten())
-    rejected_files = (rejected
+               | "EncodeRows" >> beam.ParDo(EncodeRows(example_options), beam.pvalue.AsSingleton(plan)
+                                            ).with_outputs(REJECTED_TAG, main="rows"))
+    shards = encoded.rows | "WriteShards" >> WriteShards(args.output, plan)
+    rejected_files = ((parsed.rejected, unique.rejected, encoded.rejected)
+                      | "AllRejected" >> beam.Flatten()
                       | "ToJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False))
                       | "WriteRejected" >> beam.io.WriteToText(
                           dataset_info.join(args.output, dataset_info.REJECTED_PREFIX), file_name_suffix=".jsonl",
                           shard_name_template="-SSSSS-of-NNNNN"))
-    input_rows = ((parsed.rows, parsed.rejected)
-                  | "AllInputRows" >> beam.Flatten()
-                  | "CountInputRows" >> beam.combiners.Count.Globally())
-    by_reason = (rejected
-                 | "Reason" >> beam.Map(lambda r: f"{r['stage']}:{r['reason']}")
-                 | "CountByReason" >> beam.combiners.Count.PerElement())
-    _ = ({"input_rows": input_rows, "rejected_by_reason": by_reason, "shards": shards,
-          "rejected_files": rejected_files}
-         | "CommitDataset" >> dataset_info.CommitDataset(args.output, labels, options_record))
+    _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files}
+         | "CommitDataset" >> dataset_info.CommitDataset(args.output, options_record))
 
 
 def _counters(result: Any) -> dict[str, int]:
@@ -234,7 +226,7 @@ def _counters(result: Any) -> dict[str, int]:
 
 
 def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any]:
-    """Runs both passes; returns the content of dataset.json. Raises UsageError for user mistakes."""
+    """Runs the job; returns the content of dataset.json. Raises UsageError for user mistakes."""
     start = time.monotonic()
     _check_flags(args)
     _options(args)  # validates the image and fetch flags before anything runs
@@ -242,6 +234,7 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
                                   labels_column=args.labels_column, id_column=args.id_column,
                                   label_delimiter=args.label_delimiter, image_root=args.image_root,
                                   image_ext=args.image_ext, voc_image_set=args.voc_image_set)
+    fixed = vocabulary.read_vocab_file(args.vocab_file) if args.vocab_file else None
     options = cli.pipeline_options(pipeline_args)
     local = _runs_locally(options)
     work_dir = _work_dir(options, local, args.output)
@@ -251,29 +244,36 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
     staged = local and "://" in args.output
     try:
         dataset_info.prepare_output(args.output, args.overwrite)
-        _LOG.info("analysis pass: %s manifest %s (%d file(s))", spec.format, args.input, len(spec.files))
-        analysis_dir = dataset_info.join(work_dir, dataset_info.TRANSFORM_OUTPUT) if staged else transform_dir
-        labels, stats = analyze(args, spec, options, work_dir, analysis_dir)
-        if staged:
-            dataset_info.copy_tree(analysis_dir, transform_dir)
-        _LOG.info("analysis pass done in %.1f s: %d rows kept, %d labels", time.monotonic() - start,
-                  stats["rows"], len(labels))
-
-        main_start = time.monotonic()
+        vocab_path = None
+        if fixed:
+            # A normalized copy (no blank lines or padding) that every worker can read as a TFT asset.
+            vocab_path = dataset_info.write_bytes(dataset_info.join(work_dir, "vocab.txt"),
+                                                  "".join(f"{label}\n" for label in fixed).encode("utf-8"))
+        paths = _Paths(work_dir, transform_dir,
+                       dataset_info.join(work_dir, dataset_info.TRANSFORM_OUTPUT) if staged else transform_dir,
+                       vocab_path)
+        _LOG.info("%s manifest %s (%d file(s))", spec.format, args.input, len(spec.files))
         record = {**vars(args), "format": spec.format, "min_label_count": args.min_label_count or 1,
                   "runner": options.view_as(StandardOptions).runner or "DirectRunner"}
         p = beam.Pipeline(options=options)
-        build_main(p, spec, labels, _options(args, len(labels)), args, record)
+        build(p, spec, fixed, paths, _options(args), args, record)
+        built = time.monotonic()
         result = p.run()
         result.wait_until_finish()
-        main_seconds = time.monotonic() - main_start
+        seconds = time.monotonic() - start
+        info_path = dataset_info.join(args.output, dataset_info.DATASET_JSON)
+        if not FileSystems.exists(info_path):  # the commit found no labels: say why
+            stats = dataset_info.read_json(paths.stats)
+            if not stats["rows"]:
+                raise vocabulary.no_row_error(args.input, stats)
+            raise vocabulary.no_label_error(stats["label_counts"], args.min_label_count or 1)
     finally:
         dataset_info.remove_tree(work_dir)
     dataset_info.remove_temporaries(args.output)
-    info = dataset_info.read_json(dataset_info.join(args.output, dataset_info.DATASET_JSON))
-    print(dataset_info.summary_table(info, main_seconds, _counters(result)))
+    info = dataset_info.read_json(info_path)
+    print(dataset_info.summary_table(info, seconds, _counters(result)))
     print(f"[preprocess] wrote {args.output} in {time.monotonic() - start:.1f} s "
-          f"(analysis {main_start - start:.1f} s, main pass {main_seconds:.1f} s)")
+          f"(pipeline construction {built - start:.1f} s)")
     return info
 
 

@@ -1,10 +1,13 @@
 """Writes examples into GZIP TFRecord shards whose count follows the data size.
 
-Like tensorflow-datasets' Beam writer: per split the total serialized size decides the number of
-shards (`ceil(bytes / target)`, at least 1), each example goes to the shard given by a hash of its
-id, and each shard is written sorted by id to a temporary name, then renamed into place. Shard
-contents are therefore a function of the data alone (reruns and retries write the same records),
-and a reader never sees a half-written shard under its final name.
+The shard count of a split is planned before any image is fetched (see `plan_shard_counts`):
+`ceil(rows in the split x bytes per row / target)`, at least 1, where bytes per row is the mean
+serialized example size over a fixed sample of the rows (those with the smallest `sample_key`;
+0 for a sampled row that ends up rejected), encoded first. Each example then goes to the shard given by a hash of its id, and each shard is
+written sorted by id to a temporary name, then renamed into place. Shard contents are therefore
+a function of the data alone (reruns and retries write the same records), a reader never sees a
+half-written shard under its final name, and no step has to hold every encoded example to learn
+the split sizes (the runner streams examples into the group-by-shard).
 
 Files are written with Beam's FileSystems (local, gs:// and GCS emulators alike; tf.io cannot
 reach an emulator), framing TFRecords here: length (uint64 LE), masked CRC32C of the length,
@@ -15,7 +18,7 @@ from __future__ import annotations
 import math
 import struct
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import apache_beam as beam
@@ -24,9 +27,13 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.manifests import count
-from pipelines.splits import SPLITS, unit_hash
+from pipelines.splits import unit_hash
 
 _SHARD_SALT = b"tagbeam-shard:"
+_SAMPLE_SALT = b"tagbeam-sample:"
+# Rows encoded first to estimate the bytes per example: enough for a mean within ~10 % on
+# photos and posters, few enough to be one small step.
+SAMPLE_ROWS = 32
 
 
 class Encoded(NamedTuple):
@@ -34,6 +41,17 @@ class Encoded(NamedTuple):
     id: str
     record: bytes  # a serialized tf.train.Example
     label_ids: tuple[int, ...]  # indices of the row's labels, for label counts
+
+
+ShardKey = tuple[str, int, int]  # split, shard index, shards in the split
+
+
+class ShardPlan(NamedTuple):
+    """What encoding and sharding need, decided before the first image is fetched."""
+
+    labels: list[str]  # the vocabulary; empty when the run cannot go on (no usable row or label)
+    num_shards: dict[str, int]  # splits with rows -> shard count
+    sample: dict[str, Any]  # id -> Encoded or dead-letter record of the rows encoded to plan
 
 
 def masked_crc32c(data: bytes) -> int:
@@ -46,7 +64,7 @@ def tfrecord_frame(data: bytes) -> bytes:
     return b"".join((length, struct.pack("<I", masked_crc32c(length)), data, struct.pack("<I", masked_crc32c(data))))
 
 
-def shard_count(total_bytes: int, target_bytes: int) -> int:
+def shard_count(total_bytes: float, target_bytes: int) -> int:
     return max(1, math.ceil(total_bytes / target_bytes))
 
 
@@ -56,6 +74,24 @@ def shard_of(id_: str, num_shards: int) -> int:
 
 def shard_name(split: str, index: int, num_shards: int) -> str:
     return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord.gz"
+
+
+def sample_key(id_: str) -> float:
+    """Rows with the smallest keys form the size sample (a function of the ids alone)."""
+    return unit_hash(id_, _SAMPLE_SALT)
+
+
+def plan_shard_counts(rows_per_split: Mapping[str, int], sample_bytes: Sequence[int], target_bytes: int
+                      ) -> dict[str, int]:
+    """Shards per split with rows: rows x the mean serialized size over the sampled rows (0 for a
+    sampled row that was rejected, so rejections shrink the estimate too), over the target."""
+    per_row = sum(sample_bytes) / len(sample_bytes) if sample_bytes else 0
+    return {split: shard_count(rows * per_row, target_bytes) for split, rows in rows_per_split.items() if rows}
+
+
+def shard_key(e: Encoded, num_shards: Mapping[str, int]) -> tuple[ShardKey, tuple[str, bytes, tuple[int, ...]]]:
+    n = num_shards[e.split]
+    return (e.split, shard_of(e.id, n), n), (e.id, e.record, e.label_ids)
 
 
 def write_tfrecord_gz(path: str, records: Iterable[bytes]) -> int:
@@ -71,17 +107,13 @@ def write_tfrecord_gz(path: str, records: Iterable[bytes]) -> int:
 
 
 class _WriteShard(beam.DoFn):
-    def __init__(self, output_dir: str, num_labels: int, target_bytes: int) -> None:
+    def __init__(self, output_dir: str) -> None:
         self._output_dir = output_dir.rstrip("/")
-        self._num_labels = num_labels
-        self._target_bytes = target_bytes
 
-    def process(self, item: tuple[tuple[str, int], Iterable[Any]], sizes: dict[str, tuple[int, int]]
-                ) -> Iterator[dict[str, Any]]:
-        (split, index), values = item
-        num_shards = shard_count(sizes[split][0], self._target_bytes)
+    def process(self, item: tuple[ShardKey, Iterable[Any]], plan: ShardPlan) -> Iterator[dict[str, Any]]:
+        (split, index, num_shards), values = item
         examples = sorted((v for v in values if v is not None), key=lambda v: v[0])
-        label_counts = [0] * self._num_labels
+        label_counts = [0] * len(plan.labels)
         for _, _, label_ids in examples:
             for label in label_ids:
                 label_counts[label] += 1
@@ -95,39 +127,23 @@ class _WriteShard(beam.DoFn):
 
 
 class WriteShards(beam.PTransform):
-    """Encoded examples -> shard files in `output_dir`; returns one stats dict per shard written.
+    """(ShardKey, (id, record, label ids)) pairs -> shard files in `output_dir`; returns one stats
+    dict per shard written.
 
-    Splits without examples get no shard. Every shard index of a split is written, even one that
-    no id hashed to (an empty file), so `-of-N` names always come in complete sets.
+    `plan` (a singleton ShardPlan) names every shard to write: each one is written, even one that
+    no example hashed to (an empty file), so `-of-N` names always come in complete sets; splits
+    missing from it get no shard.
     """
 
-    def __init__(self, output_dir: str, num_labels: int, target_bytes: int) -> None:
+    def __init__(self, output_dir: str, plan: beam.PCollection) -> None:
         super().__init__()
         self._output_dir = output_dir
-        self._num_labels = num_labels
-        self._target_bytes = target_bytes
+        self._plan = plan
 
-    def expand(self, encoded: beam.PCollection) -> beam.PCollection:
-        target = self._target_bytes
-        sizes = beam.pvalue.AsDict(
-            encoded
-            | "SizeBySplit" >> beam.Map(lambda e: (e.split, (len(e.record), 1)))
-            | "SumSizes" >> beam.CombinePerKey(lambda pairs: tuple(map(sum, zip(*pairs))) or (0, 0)))
-
-        def assign(e: Encoded, sizes: dict) -> tuple[tuple[str, int], tuple]:
-            shard = shard_of(e.id, shard_count(sizes[e.split][0], target))
-            return (e.split, shard), (e.id, e.record, e.label_ids)
-
-        def every_shard(split: str, sizes: dict) -> list[tuple[tuple[str, int], None]]:
-            if split not in sizes:
-                return []
-            return [((split, i), None) for i in range(shard_count(sizes[split][0], target))]
-
-        keyed = encoded | "AssignShard" >> beam.Map(assign, sizes)
-        placeholders = (encoded.pipeline
-                        | "Splits" >> beam.Create(SPLITS)
-                        | "EveryShard" >> beam.FlatMap(every_shard, sizes))
+    def expand(self, keyed: beam.PCollection) -> beam.PCollection:
+        placeholders = self._plan | "EveryShard" >> beam.FlatMap(
+            lambda plan: [((split, i, n), None) for split, n in plan.num_shards.items() for i in range(n)])
         return ((keyed, placeholders)
                 | "WithEmptyShards" >> beam.Flatten()
                 | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShard" >> beam.ParDo(_WriteShard(self._output_dir, self._num_labels, target), sizes))
+                | "WriteShard" >> beam.ParDo(_WriteShard(self._output_dir), beam.pvalue.AsSingleton(self._plan)))

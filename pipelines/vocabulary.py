@@ -1,11 +1,12 @@
-"""The label vocabulary, computed (or fixed) with tensorflow-transform in a cheap first pass.
+"""The label vocabulary, computed (or fixed) with tensorflow-transform inside the pipeline.
 
-Why a separate pass: the multi-hot width K must be static in the examples (a width taken from a
-TFT vocabulary at analysis time fails in TFT's output schema), and a bad `--min_label_count`
-should fail before a single image is fetched. So the analysis pass reads only the manifest's
-labels, runs `AnalyzeDataset` and writes the TFT output (`WriteTransformFn`); the main pass then
-knows K and multi-hot encodes with a dict lookup. The saved transform maps raw labels to ids
-(`label_ids`, -1 for unknown labels) for users and serving, via `TFTransformOutput`.
+The vocabulary is analysed from the manifest's labels alone, before any image is fetched: the
+rows go through `AnalyzeDataset` and the TFT output is written (`WriteTransformFn`); the labels
+then reach the image step as a side input, which the runner computes before that step starts.
+So a bad `--min_label_count` ends the run without a single image fetched. The multi-hot width
+K is therefore known per row (a dict lookup) rather than taken from TFT's output schema, where a
+vocabulary-sized width fails. The saved transform maps raw labels to ids (`label_ids`, -1 for
+unknown labels) for users and serving, via `TFTransformOutput`.
 
 Label counts are over parsed, de-duplicated rows (each row counts a label once), before any image
 is fetched: a label's count includes rows whose image later fails.
@@ -13,6 +14,7 @@ is fetched: a label's count includes rows whose image later fails.
 from __future__ import annotations
 
 import functools
+import heapq
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +24,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.dataset_info import write_json
 from pipelines.manifests import UsageError, text_lines
+from pipelines.shards import SAMPLE_ROWS, sample_key
+from pipelines.splits import split_of
 
 VOCABULARY_NAME = "labels"
 OUTPUT_FEATURE = "label_ids"
@@ -49,9 +53,10 @@ def _fixed_fn(inputs: dict, vocab_path: str) -> dict:
 
 
 class AnalyzeVocabulary(beam.PTransform):
-    """Rows -> TFT transform output in `transform_dir`. With `vocab_path` the order is fixed by
-    that file (one label per line, already normalized); otherwise TFT keeps labels used by at
-    least `min_count` rows, the `max_labels` most frequent if set, ordered by frequency."""
+    """Rows -> TFT transform output in `transform_dir`; returns a one-element PCollection that
+    exists once the output is in place. With `vocab_path` the order is fixed by that file (one
+    label per line, already normalized); otherwise TFT keeps labels used by at least `min_count`
+    rows, the `max_labels` most frequent if set, ordered by frequency."""
 
     def __init__(self, transform_dir: str, temp_dir: str, min_count: int, max_labels: int | None,
                  vocab_path: str | None) -> None:
@@ -65,7 +70,7 @@ class AnalyzeVocabulary(beam.PTransform):
             self._fn = functools.partial(_min_count_fn, frequency_threshold=min_count if min_count > 1 else None,
                                          top_k=max_labels)
 
-    def expand(self, rows: beam.PCollection) -> beam.pvalue.PDone:
+    def expand(self, rows: beam.PCollection) -> beam.PCollection:
         import tensorflow as tf
         import tensorflow_transform.beam as tft_beam
         from tensorflow_transform.tf_metadata import dataset_metadata, schema_utils
@@ -78,48 +83,76 @@ class AnalyzeVocabulary(beam.PTransform):
             return transform_fn | "WriteTransformFn" >> tft_beam.WriteTransformFn(self._transform_dir)
 
 
-class _StatsFn(beam.CombineFn):
-    """Counts rows, parse rejections by reason, and rows per label, in one pass."""
+class StatsFn(beam.CombineFn):
+    """In one pass over ("read", parsed row), ("rows", kept row) and ("rejected", record) items:
+    input rows (parsed rows and parse rejections), kept rows, rejections by reason, kept rows per
+    label and per split, and the shard size sample (the SAMPLE_ROWS kept rows with the smallest
+    `sample_key`, see pipelines.shards)."""
 
-    def create_accumulator(self) -> list[Counter]:
-        return [Counter(), Counter(), Counter()]  # totals, rejected by reason, labels
+    def __init__(self, val_fraction: float, test_fraction: float) -> None:
+        self._fractions = (val_fraction, test_fraction)
 
-    def add_input(self, acc: list[Counter], item: tuple[str, Any]) -> list[Counter]:
+    def create_accumulator(self) -> tuple[list[Counter], list]:
+        # totals, rejected by reason, labels, splits; a max-heap of (-key, id, row) for the sample
+        return [Counter(), Counter(), Counter(), Counter()], []
+
+    def add_input(self, acc: tuple[list[Counter], list], item: tuple[str, Any]) -> tuple[list[Counter], list]:
+        counters, sample = acc
         kind, value = item
-        acc[0][kind] += 1
+        counters[0][kind] += 1
         if kind == "rejected":
-            acc[1][f"{value['stage']}:{value['reason']}"] += 1
-        else:
-            acc[2].update(value.labels)
+            counters[1][f"{value['stage']}:{value['reason']}"] += 1
+            counters[0]["input_rows"] += value["stage"] == "parse"
+            return acc
+        if kind == "read":
+            counters[0]["input_rows"] += 1
+            return acc
+        counters[2].update(value.labels)
+        counters[3][split_of(value.id, *self._fractions)] += 1
+        entry = (-sample_key(value.id), value.id, value)
+        if len(sample) < SAMPLE_ROWS:
+            heapq.heappush(sample, entry)
+        elif entry > sample[0]:
+            heapq.heapreplace(sample, entry)
         return acc
 
-    def merge_accumulators(self, accs: Iterable[list[Counter]]) -> list[Counter]:
-        merged = self.create_accumulator()
-        for acc in accs:
-            for total, part in zip(merged, acc):
+    def merge_accumulators(self, accs: Iterable[tuple[list[Counter], list]]) -> tuple[list[Counter], list]:
+        counters, entries = self.create_accumulator()
+        for acc_counters, sample in accs:
+            for total, part in zip(counters, acc_counters):
                 total.update(part)
-        return merged
+            entries.extend(sample)
+        sample = heapq.nlargest(SAMPLE_ROWS, entries)
+        heapq.heapify(sample)
+        return counters, sample
 
-    def extract_output(self, acc: list[Counter]) -> dict[str, Any]:
-        return {"rows": acc[0]["rows"], "rejected": acc[0]["rejected"], "rejected_by_reason": dict(acc[1]),
-                "label_counts": dict(acc[2])}
+    def extract_output(self, acc: tuple[list[Counter], list]) -> dict[str, Any]:
+        counters, sample = acc
+        return {"input_rows": counters[0]["input_rows"], "rows": counters[0]["rows"],
+                "rejected": counters[0]["rejected"],
+                "rejected_by_reason": dict(counters[1]), "label_counts": dict(counters[2]),
+                "rows_per_split": dict(counters[3]), "sample": [row for _, _, row in sorted(sample, reverse=True)]}
 
 
-class WriteLabelStats(beam.PTransform):
-    """Kept rows and rejected records -> one JSON file of row and label counts."""
+class ManifestStats(beam.PTransform):
+    """(parsed rows, kept rows, rejected records) -> one stats dict (see StatsFn); its JSON-able
+    part (all but the sample rows) is also written to `path`, for the driver's error messages."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, val_fraction: float, test_fraction: float) -> None:
         super().__init__()
         self._path = path
+        self._fractions = (val_fraction, test_fraction)
 
-    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection]) -> beam.PCollection:
-        rows, rejected = inputs
+    def expand(self, inputs: tuple[beam.PCollection, beam.PCollection, beam.PCollection]) -> beam.PCollection:
+        parsed, rows, rejected = inputs
         path = self._path
-        return ((rows | "TagRows" >> beam.Map(lambda r: ("rows", r)),
-                 rejected | "TagRejected" >> beam.Map(lambda r: ("rejected", r)))
-                | "Both" >> beam.Flatten()
-                | "Count" >> beam.CombineGlobally(_StatsFn())
-                | "Write" >> beam.Map(lambda stats: write_json(path, stats)))
+        stats = ((parsed | "TagRead" >> beam.Map(lambda r: ("read", r)),
+                  rows | "TagRows" >> beam.Map(lambda r: ("rows", r)),
+                  rejected | "TagRejected" >> beam.Map(lambda r: ("rejected", r)))
+                 | "All" >> beam.Flatten()
+                 | "Count" >> beam.CombineGlobally(StatsFn(*self._fractions)))
+        _ = stats | "Write" >> beam.Map(lambda s: write_json(path, {k: v for k, v in s.items() if k != "sample"}))
+        return stats
 
 
 def read_vocab_file(path: str) -> list[str]:
@@ -137,15 +170,23 @@ def read_vocab_file(path: str) -> list[str]:
     return labels
 
 
-def learned_labels(transform_dir: str, label_counts: dict[str, int], min_count: int) -> list[str]:
-    """The vocabulary TFT wrote, in its order. Raises UsageError when no label survived."""
+def learned_labels(transform_dir: str, label_counts: dict[str, int]) -> list[str]:
+    """The vocabulary TFT wrote, in its order (empty when no label survived)."""
     import tensorflow_transform as tft
 
     vocabulary = tft.TFTransformOutput(transform_dir).vocabulary_by_name(VOCABULARY_NAME)
     # An empty TFT vocabulary holds one dummy token, which no row ever carries.
-    labels = [token.decode("utf-8") for token in vocabulary if token.decode("utf-8") in label_counts]
-    if not labels:
-        top = ", ".join(f"{label} ({n})" for label, n in Counter(label_counts).most_common(5)) or "none"
-        raise UsageError(f"no label is used by at least --min_label_count {min_count} rows; the most frequent "
-                         f"labels are: {top}; lower --min_label_count")
-    return labels
+    return [token.decode("utf-8") for token in vocabulary if token.decode("utf-8") in label_counts]
+
+
+def no_label_error(label_counts: dict[str, int], min_count: int) -> UsageError:
+    top = ", ".join(f"{label} ({n})" for label, n in Counter(label_counts).most_common(5)) or "none"
+    return UsageError(f"no label is used by at least --min_label_count {min_count} rows; the most frequent "
+                      f"labels are: {top}; lower --min_label_count")
+
+
+def no_row_error(input_: str, stats: dict[str, Any]) -> UsageError:
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats["rejected_by_reason"].items()))
+    return UsageError(f"--input {input_}: no usable row among {stats['rejected']} ({reasons}); "
+                      "check the manifest's URI and id columns")
+

@@ -18,7 +18,8 @@ import tensorflow as tf
 from fault_server import FaultServer, Response, redirect
 from PIL import Image
 
-from pipelines import preprocess
+from pipelines import preprocess, shards
+from pipelines.splits import split_of
 
 IMAGE_SIZE = 32
 # Small time-outs and one retry keep the fault run fast; 0.004 MiB shards force several shards.
@@ -187,15 +188,22 @@ def test_fault_run_accounts_for_every_row(fault_run):
     assert on_disk == info
 
 
-def test_shard_count_follows_data_size_and_every_example_is_in_one_shard(fault_run):
+def test_shard_count_follows_estimated_size_and_every_example_is_in_one_shard(fault_run):
     info, output = fault_run["info"], fault_run["output"]
     examples = read_examples(output, info)  # also asserts no id is in two shards
     target = int(TARGET_SHARD_MB * 2**20)
+    # The 21 parsed, de-duplicated rows are fewer than shards.SAMPLE_ROWS, so all are in the size sample:
+    # bytes per row = all example bytes / those rows (a rejected one counts 0), times each split's rows.
+    kept = list(examples) + [r["id"] for r in read_rejected(output, info).values()
+                             if r["stage"] in ("labels", "fetch", "decode")]
+    assert len(kept) == 21 < shards.SAMPLE_ROWS
+    per_row = sum(e["bytes"] for e in examples.values()) / len(kept)
     for split, summary in info["splits"].items():
         mine = [e for e in examples.values() if e["split"] == split]
         assert summary["examples"] == len(mine)
-        expected = math.ceil(sum(e["bytes"] for e in mine) / target) if mine else 0
-        assert summary["shards"] == max(expected, 1 if mine else 0)
+        rows = sum(split_of(id_, 0.2, 0.2) == split for id_ in kept)
+        expected = max(1, math.ceil(rows * per_row / target)) if rows else 0
+        assert summary["shards"] == expected
         assert summary["files"] == [f"{split}-{i:05d}-of-{expected:05d}.tfrecord.gz" for i in range(expected)]
         assert summary["bytes"] == sum(os.path.getsize(os.path.join(output, f)) for f in summary["files"])
         counts = {label: sum(label in label_names(e, info) for e in mine) for label in info["labels"]}
