@@ -24,9 +24,11 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipelines.images import ImageOptions
+
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-IMAGE_SIZE = 224
+IMAGE_SIZE = ImageOptions().size  # the pipeline's default, which every benchmark dataset uses
 FLOAT32_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3 * 4  # one example as the Google book's pipeline stores it
 UINT8_BYTES = IMAGE_SIZE * IMAGE_SIZE * 3
 CHIP_SIDE = 256
@@ -45,7 +47,6 @@ class Sizes:
     train_epochs: int
     quality_posters: int  # train-side posters of the quality table (val/test fractions 0.1 each)
     tutorial_epochs: int
-    long_epochs: int  # the default head trained with this many --epochs (early stopping decides); 0 = no run
     fine_tune_layers: int  # 0 = no fine-tuning run
     fine_tune_epochs: int
     fine_tune_batch_size: int  # smaller than the default's 256: more steps for the same images
@@ -60,15 +61,15 @@ class Sizes:
 FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
              throughput_images=3_000, throughput_small=300, memory_n=1_000, input_passes=3,
              input_sets=("posters", "chips", "photos"),
-             train_posters=1_000, train_epochs=30, batch_size=256,
-             quality_posters=5_000, default_epochs=None, tutorial_epochs=30, long_epochs=300,
-             fine_tune_layers=30, fine_tune_epochs=15, fine_tune_batch_size=64,
+             train_posters=500, train_epochs=30, batch_size=256,
+             quality_posters=5_000, default_epochs=None, tutorial_epochs=30,
+             fine_tune_layers=30, fine_tune_epochs=4, fine_tune_batch_size=64,
              serving_single_calls=200, serving_batch_calls=20)
 QUICK = Sizes(sample_posters=300, sample_heldout=64,
               throughput_images=200, throughput_small=40, memory_n=20, input_passes=1,
               input_sets=("posters", "chips"),
               train_posters=200, train_epochs=1, batch_size=32,
-              quality_posters=200, default_epochs=2, tutorial_epochs=2, long_epochs=0,
+              quality_posters=200, default_epochs=2, tutorial_epochs=2,
               fine_tune_layers=0, fine_tune_epochs=0, fine_tune_batch_size=0,
               serving_single_calls=10, serving_batch_calls=2)
 

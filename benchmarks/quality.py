@@ -39,14 +39,11 @@ def recipes(ctx: Context) -> dict[str, list[str]]:
                 "--early_stopping_patience", "1000"]  # the tutorial trains all epochs, no schedule
     default = batch + (["--epochs", str(ctx.sizes.default_epochs)] if ctx.sizes.default_epochs else [])
     found = {DEFAULT: default}
-    if ctx.sizes.long_epochs:
-        found[f"ours: default head, --epochs {ctx.sizes.long_epochs} (early stopping decides)"] = [
-            *batch, "--epochs", str(ctx.sizes.long_epochs)]
     if not ctx.quick:
         found["tutorial recipe (Dense 1024, soft-F1, Adam 1e-5)"] = [*tutorial, "--loss", "soft_f1"]
         found["tutorial BCE variant (Dense 1024, BCE, Adam 1e-5)"] = [*tutorial, "--loss", "bce"]
     if ctx.sizes.fine_tune_layers:
-        found[f"ours + fine-tuning top {ctx.sizes.fine_tune_layers} backbone variables"] = [
+        found[f"ours + fine-tuning top {ctx.sizes.fine_tune_layers} backbone variables (warm-started head)"] = [
             "--batch_size", str(ctx.sizes.fine_tune_batch_size), "--fine_tune_layers", str(ctx.sizes.fine_tune_layers),
             "--epochs", str(ctx.sizes.fine_tune_epochs)]
     return found

@@ -2,7 +2,8 @@
 
 Reads the datasets of the throughput and input-pipeline benchmarks (built here if absent): bytes on
 disk (GZIP shards) and the serialized tf.train.Example size (TFRecord frames read with gzip and
-struct, no TensorFlow), against 224 x 224 x 3 float32 = 602,112 bytes and uint8 = 150,528 bytes.
+struct, no TensorFlow), against float32 and uint8 pixels at the dataset's size (common.IMAGE_SIZE, the
+pipeline's default).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    FLOAT32_BYTES, UINT8_BYTES, Context, format_table, module_main, read_json, read_manifest, summary_row,
+    FLOAT32_BYTES, IMAGE_SIZE, UINT8_BYTES, Context, format_table, module_main, read_json, read_manifest, summary_row,
 )
 
 NAME = "shard_bytes"
@@ -57,11 +58,11 @@ def run(ctx: Context) -> dict[str, Any]:
                      m["bytes_on_disk_per_example"], f"1/{1 / m['fraction_of_float32']:.0f}",
                      f"1/{UINT8_BYTES / m['bytes_on_disk_per_example']:.1f}"))
         summary.append(summary_row(
-            f"shard bytes per {kind} example vs float32 224x224x3", f"1/{1 / m['fraction_of_float32']:.0f}",
+            f"shard bytes per {kind} example vs float32 {IMAGE_SIZE}x{IMAGE_SIZE}x3", f"1/{1 / m['fraction_of_float32']:.0f}",
             "<= 1/8", m["fraction_of_float32"] <= TARGET_FRACTION,
             f"{m['bytes_on_disk_per_example']:,.0f} B on disk (JPEG q{m['jpeg_quality']} 4:4:4) vs {FLOAT32_BYTES:,} B"))
     table = format_table(("set", "examples", "source JPEG B", "Example B (serialized)", "B on disk (GZIP)",
-                          "vs float32", "vs uint8"), rows, "Bytes per example (224x224 RGB)")
+                          "vs float32", "vs uint8"), rows, f"Bytes per example ({IMAGE_SIZE}x{IMAGE_SIZE} RGB)")
     return {"measured": measured, "summary": summary, "table": table}
 
 

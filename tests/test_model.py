@@ -46,11 +46,13 @@ def test_fixed_size_backbone_refuses_other_image_sizes(strategy, tmp_path) -> No
         model_lib.check_image_size(backbone, 48)
 
 
-def test_any_size_backbone_only_warns_off_its_nominal_size(strategy, backbone_dir, caplog) -> None:
+def test_any_size_backbone_only_warns_below_its_nominal_size(strategy, backbone_dir, caplog) -> None:
     with strategy.scope():
         backbone = model_lib.load_backbone(backbone_dir)
     assert backbone.fixed_size is None and backbone.nominal_size == 224
     with caplog.at_level(logging.WARNING, logger="trainer.model"):
+        model_lib.check_image_size(backbone, 320)
+        assert not caplog.text
         model_lib.check_image_size(backbone, 48)
     assert "trained at 224x224" in caplog.text
     assert isinstance(backbone.layer.weights[0], tf.distribute.DistributedValues)  # created in the scope: mirrored

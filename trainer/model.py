@@ -153,7 +153,9 @@ def check_image_size(backbone: Backbone, image_size: int) -> None:
             f"dataset holds {image_size}x{image_size}: rerun `python -m pipelines.preprocess` with "
             f"--image_size {backbone.fixed_size}, or pick a backbone that accepts {image_size}"
         )
-    if backbone.nominal_size and backbone.nominal_size != image_size:
+    # Larger inputs than the backbone's training size are a choice (several small objects per image
+    # then appear at the scale the backbone learned); smaller ones lose detail it relies on.
+    if backbone.nominal_size and image_size < backbone.nominal_size:
         log.warning(
             "backbone %s was trained at %dx%d; this dataset is %dx%d (it accepts any size, but features may be weaker)",
             backbone.handle, backbone.nominal_size, backbone.nominal_size, image_size, image_size,

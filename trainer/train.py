@@ -33,6 +33,7 @@ CACHED = "cached_features"
 THROUGH_BACKBONE = "backbone"
 
 
+EXTRACTION_BATCH_SIZE = 32  # per replica; bounds the backbone's activation memory during feature extraction
 # Maximum epochs when --epochs is not given. Early stopping ends training on either path; on
 # cached features an epoch costs well under a second and a linear head on a few thousand examples
 # (15 steps per epoch at batch 256) is still improving at 30 epochs (benchmarks/README.md, quality),
@@ -190,6 +191,8 @@ def _extract_features(strategy: tf.distribute.Strategy, info: data.DatasetInfo, 
     features = {}
     images, seconds = 0, 0.0
     extract = model_lib.BatchRunner(strategy, backbone.features)
+    # Activation memory grows with batch x pixels, and the head's batch size says nothing about it.
+    batch_size = min(batch_size, EXTRACTION_BATCH_SIZE * strategy.num_replicas_in_sync)
     for split in data.SPLITS:
         if info.split(split).examples == 0:
             continue
