@@ -7,6 +7,7 @@ count of input rows), not from metrics, which some runners report late or not at
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -26,7 +27,9 @@ DATASET_JSON = "dataset.json"
 LABELS_TXT = "labels.txt"
 TRANSFORM_OUTPUT = "transform_output"
 REJECTED_PREFIX = "rejected"
-_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, "*.tfrecord.gz", f"{REJECTED_PREFIX}-*.jsonl", "*.tmp-*")
+_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, "*.tfrecord.gz", f"{REJECTED_PREFIX}-*.jsonl")
+# Temporary files (`<name>.tmp-<uuid>`) and folders (the shard writer's `runs.tmp-<uuid>/`).
+_TEMPORARIES = "*.tmp-*"
 
 
 class InvariantError(RuntimeError):
@@ -78,6 +81,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
         found = _matches(join(output, pattern))
         if found:
             FileSystems.delete(found)
+    remove_temporaries(output)
     remove_tree(join(output, TRANSFORM_OUTPUT))
     if "://" not in output:
         os.makedirs(output, exist_ok=True)
@@ -104,10 +108,14 @@ def remove_tree(folder: str) -> None:
 
 
 def remove_temporaries(output: str) -> None:
-    """Temporary files of retried or killed writers (`*.tmp-<uuid>`)."""
-    found = _matches(join(output, "*.tmp-*"))
+    """Temporary files and folders of this run, or of retried or killed writers (`*.tmp-<uuid>`),
+    such as run files of failed bundles that no shard merged."""
+    found = _matches(join(output, _TEMPORARIES)) + _matches(join(output, f"{_TEMPORARIES}/**"))
     if found:
         FileSystems.delete(found)
+    if "://" not in output:  # local folders outlive their files
+        for folder in glob.glob(os.path.join(output, _TEMPORARIES)):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int
         "image": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[image])),
         "labels": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=multi_hot)),
     })
-    return example_pb2.Example(features=features).SerializeToString()
+    # deterministic: map entries sorted by key, so that equal examples are equal bytes in every process
+    return example_pb2.Example(features=features).SerializeToString(deterministic=True)
 
 
 def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions, concurrency: int) -> list[bytes | fetch.FetchError]:

@@ -269,7 +269,7 @@ def run(args: argparse.Namespace, pipeline_args: Sequence[str]) -> dict[str, Any
             raise vocabulary.no_label_error(stats["label_counts"], args.min_label_count or 1)
     finally:
         dataset_info.remove_tree(work_dir)
-    dataset_info.remove_temporaries(args.output)
+        dataset_info.remove_temporaries(args.output)  # run files can be as large as the dataset
     info = dataset_info.read_json(info_path)
     print(dataset_info.summary_table(info, seconds, _counters(result)))
     print(f"[preprocess] wrote {args.output} in {time.monotonic() - start:.1f} s "

@@ -3,11 +3,12 @@
 The shard count of a split is planned before any image is fetched (see `plan_shard_counts`):
 `ceil(rows in the split x bytes per row / target)`, at least 1, where bytes per row is the mean
 serialized example size over a fixed sample of the rows (those with the smallest `sample_key`;
-0 for a sampled row that ends up rejected), encoded first. Each example then goes to the shard given by a hash of its id, and each shard is
-written sorted by id to a temporary name, then renamed into place. Shard contents are therefore
-a function of the data alone (reruns and retries write the same records), a reader never sees a
-half-written shard under its final name, and no step has to hold every encoded example to learn
-the split sizes (the runner streams examples into the group-by-shard).
+0 for a sampled row that ends up rejected), encoded first. Each example then goes to the shard
+given by a hash of its id, and each shard is written sorted by id to a temporary name, then
+renamed into place. Shard contents are therefore a function of the data alone (reruns and
+retries write the same records), and a reader never sees a half-written shard under its final
+name. Examples reach their shard through sorted run files merged by id (`WriteShards`), not a
+shuffle, so memory does not grow with the number of images on any runner.
 
 Files are written with Beam's FileSystems (local, gs:// and GCS emulators alike; tf.io cannot
 reach an emulator), framing TFRecords here: length (uint64 LE), masked CRC32C of the length,
@@ -15,9 +16,11 @@ data, masked CRC32C of the data.
 """
 from __future__ import annotations
 
+import heapq
 import math
 import struct
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -25,6 +28,8 @@ import apache_beam as beam
 import google_crc32c
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.transforms.window import GlobalWindows
+from apache_beam.utils.windowed_value import WindowedValue
 
 from pipelines.manifests import count
 from pipelines.splits import unit_hash
@@ -34,6 +39,14 @@ _SAMPLE_SALT = b"tagbeam-sample:"
 # Rows encoded first to estimate the bytes per example: enough for a mean within ~10 % on
 # photos and posters, few enough to be one small step.
 SAMPLE_ROWS = 32
+# A bundle writes its buffered examples as runs when they pass this many bytes: the bound on
+# the memory sharding takes per worker thread, whatever the data size.
+RUN_BUFFER_BYTES = 32 * 2**20
+# Runs merged at once (open files); a shard fed by more bundles is merged in several passes.
+MAX_FAN_IN = 128
+# Runs live in <output>/runs.tmp-<uuid>/, matched by dataset_info's temporaries pattern "*.tmp-*".
+RUNS_DIR_PREFIX = "runs.tmp-"
+_RUN_HEADER = struct.Struct("<IQ")  # id length, record length
 
 
 class Encoded(NamedTuple):
@@ -44,6 +57,14 @@ class Encoded(NamedTuple):
 
 
 ShardKey = tuple[str, int, int]  # split, shard index, shards in the split
+
+
+class Run(NamedTuple):
+    """A run file: some of one shard's examples, sorted by id (see `WriteShards`)."""
+
+    path: str
+    examples: int
+    label_counts: dict[int, int]  # label index -> examples with it
 
 
 class ShardPlan(NamedTuple):
@@ -103,47 +124,172 @@ def write_tfrecord_gz(path: str, records: Iterable[bytes]) -> int:
     if FileSystems.exists(path):  # a retried bundle wrote it before; the content is the same
         FileSystems.delete([path])
     FileSystems.rename([tmp], [path])
+    return _size(path)
+
+
+def _size(path: str) -> int:
     return FileSystems.match([path])[0].metadata_list[0].size_in_bytes
 
 
-class _WriteShard(beam.DoFn):
-    def __init__(self, output_dir: str) -> None:
-        self._output_dir = output_dir.rstrip("/")
+def write_run(path: str, examples: Iterable[tuple[str, bytes]]) -> None:
+    """A run: (id, record) pairs, already sorted by id, each as `_RUN_HEADER` lengths, id, record."""
+    with FileSystems.create(path, compression_type=CompressionTypes.UNCOMPRESSED) as out:
+        for id_, record in examples:
+            key = id_.encode("utf-8")
+            out.write(b"".join((_RUN_HEADER.pack(len(key), len(record)), key, record)))
 
-    def process(self, item: tuple[ShardKey, Iterable[Any]], plan: ShardPlan) -> Iterator[dict[str, Any]]:
+
+def _read_exactly(handle: Any, n: int, path: str) -> bytes:
+    data = handle.read(n)
+    while len(data) < n:  # some file systems return short reads before the end
+        more = handle.read(n - len(data))
+        if not more:
+            raise OSError(f"run file {path} is truncated; rerun the pipeline")
+        data += more
+    return data
+
+
+def read_run(path: str) -> Iterator[tuple[str, bytes]]:
+    """Streams the (id, record) pairs of a run written by `write_run`."""
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
+        while header := handle.read(_RUN_HEADER.size):
+            if len(header) < _RUN_HEADER.size:
+                header += _read_exactly(handle, _RUN_HEADER.size - len(header), path)
+            key_len, record_len = _RUN_HEADER.unpack(header)
+            body = _read_exactly(handle, key_len + record_len, path)
+            yield body[:key_len].decode("utf-8"), body[key_len:]
+
+
+def merge_runs(paths: Sequence[str], run_dir: str, fan_in: int = MAX_FAN_IN) -> Iterator[tuple[str, bytes]]:
+    """The (id, record) pairs of sorted runs, merged by id, reading each run as a stream. More than
+    `fan_in` runs are first merged in groups into intermediate runs (deleted once read), so that
+    open files stay bounded however many bundles fed one shard."""
+    paths = list(paths)
+    intermediate: set[str] = set()
+    while len(paths) > fan_in:
+        merged = []
+        for i in range(0, len(paths), fan_in):
+            group = paths[i:i + fan_in]
+            target = f"{run_dir.rstrip('/')}/merged-{uuid.uuid4().hex}.run"
+            write_run(target, heapq.merge(*map(read_run, group), key=_by_id))
+            merged.append(target)
+            _delete([p for p in group if p in intermediate])
+        intermediate.update(merged)
+        paths = merged
+    yield from heapq.merge(*map(read_run, paths), key=_by_id)
+    _delete([p for p in paths if p in intermediate])
+
+
+def _by_id(example: tuple[str, bytes]) -> str:
+    return example[0]
+
+
+def _delete(paths: Sequence[str]) -> None:
+    if paths:
+        FileSystems.delete(list(paths))
+
+
+class _WriteRuns(beam.DoFn):
+    """(ShardKey, (id, record, label ids)) -> (ShardKey, Run): buffers a bundle's examples per
+    shard and writes each buffer, sorted by id, as a run file in `run_dir` when the bundle ends or
+    the buffers pass `buffer_bytes`. Only this small metadata crosses the shuffle, so no runner
+    holds image bytes for a group-by (the local runner keeps a group-by's whole input in memory)."""
+
+    def __init__(self, run_dir: str, buffer_bytes: int = RUN_BUFFER_BYTES) -> None:
+        self._run_dir = run_dir.rstrip("/")
+        self._buffer_bytes = buffer_bytes
+
+    def start_bundle(self) -> None:
+        self._buffers: dict[ShardKey, list[tuple[str, bytes, tuple[int, ...]]]] = defaultdict(list)
+        self._buffered = 0
+
+    def process(self, item: tuple[ShardKey, tuple[str, bytes, tuple[int, ...]]]) -> Iterator[tuple[ShardKey, Run]]:
+        key, example = item
+        self._buffers[key].append(example)
+        self._buffered += len(example[0]) + len(example[1])
+        if self._buffered >= self._buffer_bytes:
+            yield from self._flush()
+
+    def finish_bundle(self) -> Iterator[WindowedValue]:
+        for key_and_run in self._flush():
+            yield GlobalWindows.windowed_value(key_and_run)
+
+    def _flush(self) -> Iterator[tuple[ShardKey, Run]]:
+        for (split, index, num_shards), examples in self._buffers.items():
+            examples.sort(key=lambda e: e[0])
+            path = f"{self._run_dir}/{split}-{index:05d}-{uuid.uuid4().hex}.run"
+            write_run(path, ((id_, record) for id_, record, _ in examples))
+            label_counts: dict[int, int] = defaultdict(int)
+            for _, _, label_ids in examples:
+                for label in label_ids:
+                    label_counts[label] += 1
+            yield (split, index, num_shards), Run(path, len(examples), dict(label_counts))
+        self._buffers.clear()
+        self._buffered = 0
+
+
+class _MergeShard(beam.DoFn):
+    """(ShardKey, runs or None placeholders) -> the shard file, merged from its runs by id, and its
+    stats. The runs are deleted once the shard is in place; a retry that finds the shard in place
+    (renamed only when complete, before its runs went) reports it as is."""
+
+    def __init__(self, output_dir: str, run_dir: str) -> None:
+        self._output_dir = output_dir.rstrip("/")
+        self._run_dir = run_dir.rstrip("/")
+
+    def process(self, item: tuple[ShardKey, Iterable[Run | None]], plan: ShardPlan) -> Iterator[dict[str, Any]]:
         (split, index, num_shards), values = item
-        examples = sorted((v for v in values if v is not None), key=lambda v: v[0])
+        runs = [v for v in values if v is not None]
         label_counts = [0] * len(plan.labels)
-        for _, _, label_ids in examples:
-            for label in label_ids:
-                label_counts[label] += 1
+        for run in runs:
+            for label, n in run.label_counts.items():
+                label_counts[label] += n
+        examples = sum(run.examples for run in runs)
         name = shard_name(split, index, num_shards)
-        size = write_tfrecord_gz(f"{self._output_dir}/{name}", (record for _, record, _ in examples))
-        beam.metrics.Metrics.counter("tagbeam", f"examples_written_{split}").inc(len(examples))
+        path = f"{self._output_dir}/{name}"
+        if FileSystems.exists(path):
+            size = _size(path)
+        else:
+            paths = [run.path for run in runs]
+            size = write_tfrecord_gz(path, (record for _, record in merge_runs(paths, self._run_dir)))
+            _delete(paths)
+        beam.metrics.Metrics.counter("tagbeam", f"examples_written_{split}").inc(examples)
         beam.metrics.Metrics.counter("tagbeam", "bytes_written").inc(size)
         count(f"shards_written_{split}")
         yield {"split": split, "index": index, "num_shards": num_shards, "file": name,
-               "examples": len(examples), "bytes": size, "label_counts": label_counts}
+               "examples": examples, "bytes": size, "label_counts": label_counts}
 
 
 class WriteShards(beam.PTransform):
     """(ShardKey, (id, record, label ids)) pairs -> shard files in `output_dir`; returns one stats
     dict per shard written.
 
+    Examples never cross a shuffle: each bundle writes sorted runs into `output_dir`/runs.tmp-<uuid>/
+    (a folder every worker can reach: gs:// on Dataflow), only run metadata is grouped by shard,
+    and each shard is a streaming k-way merge of its runs. Memory is bounded by a bundle's buffer
+    and a merge's read buffers, not by the data. Runs of failed bundles that no metadata names
+    stay in the folder; `pipelines.dataset_info.remove_temporaries` removes it after the run.
+    `output_dir` must hold no shard of another run (`dataset_info.prepare_output` sees to it): a
+    shard already in place counts as written by an earlier attempt of this one.
+
     `plan` (a singleton ShardPlan) names every shard to write: each one is written, even one that
     no example hashed to (an empty file), so `-of-N` names always come in complete sets; splits
     missing from it get no shard.
     """
 
-    def __init__(self, output_dir: str, plan: beam.PCollection) -> None:
+    def __init__(self, output_dir: str, plan: beam.PCollection, buffer_bytes: int = RUN_BUFFER_BYTES) -> None:
         super().__init__()
         self._output_dir = output_dir
         self._plan = plan
+        self._buffer_bytes = buffer_bytes
+        self._run_dir = f"{output_dir.rstrip('/')}/{RUNS_DIR_PREFIX}{uuid.uuid4().hex}"
 
     def expand(self, keyed: beam.PCollection) -> beam.PCollection:
+        runs = keyed | "WriteRuns" >> beam.ParDo(_WriteRuns(self._run_dir, self._buffer_bytes))
         placeholders = self._plan | "EveryShard" >> beam.FlatMap(
             lambda plan: [((split, i, n), None) for split, n in plan.num_shards.items() for i in range(n)])
-        return ((keyed, placeholders)
+        return ((runs, placeholders)
                 | "WithEmptyShards" >> beam.Flatten()
                 | "GroupByShard" >> beam.GroupByKey()
-                | "WriteShard" >> beam.ParDo(_WriteShard(self._output_dir), beam.pvalue.AsSingleton(self._plan)))
+                | "MergeShard" >> beam.ParDo(_MergeShard(self._output_dir, self._run_dir),
+                                             beam.pvalue.AsSingleton(self._plan)))

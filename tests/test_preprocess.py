@@ -327,6 +327,7 @@ def test_gcs_input_and_output_on_the_emulator(gcs_bucket, emulator_credentials, 
     vocab = tmp_path / "labels.txt"
     vocab.write_text("water\nprimary\n\nhaze \nclear\n")
     output = f"gs://{gcs_bucket}/out"
+    bucket.blob("out/runs.tmp-killed/train-00000-x.run").upload_from_string(b"an orphan of a killed run")
     info = run(["--input", f"gs://{gcs_bucket}/planet/train_v2.csv", "--output", output, "--vocab_file", str(vocab),
                 "--unlabeled", "keep", *FAST_FETCH])
 
@@ -335,6 +336,7 @@ def test_gcs_input_and_output_on_the_emulator(gcs_bucket, emulator_credentials, 
     names = {b.name for b in bucket.list_blobs(prefix="out/")}
     assert "out/dataset.json" in names and "out/labels.txt" in names
     assert "out/transform_output/transform_fn/saved_model.pb" in names
+    assert [n for n in names if ".tmp-" in n] == []  # run files, this run's and an orphan, are gone
     assert json.loads(bucket.blob("out/dataset.json").download_as_bytes()) == info
     assert bucket.blob("out/labels.txt").download_as_text().splitlines() == info["labels"]
     for name in names - {"out/dataset.json"}:
