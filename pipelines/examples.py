@@ -74,7 +74,7 @@ def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tupl
     ids = tuple(sorted({index[label] for label in row.labels if label in index}))
     unknown = len(row.labels) - sum(1 for label in row.labels if label in index)
     if unknown:
-        beam.metrics.Metrics.counter("tagbeam", "labels_ignored").inc(unknown)
+        count("labels_ignored", unknown)
     if ids:
         return ids
     count("rows_without_known_label")
@@ -92,7 +92,7 @@ def _encode(row: Row, label_ids: tuple[int, ...], data: bytes | fetch.FetchError
         count(f"rejected_fetch_{data.reason}")
         return reject_row(row, "fetch", data.reason, data.detail)
     count("images_fetched")
-    beam.metrics.Metrics.counter("tagbeam", "bytes_fetched").inc(len(data))
+    count("bytes_fetched", len(data))
     try:
         image = images.process(data, opts.image)
     except images.ImageError as err:

@@ -78,8 +78,8 @@ def _counter(name: str) -> Any:
     return beam.metrics.Metrics.counter(COUNTER_NAMESPACE, name)
 
 
-def count(name: str) -> None:
-    _counter(name).inc()
+def count(name: str, n: int = 1) -> None:
+    _counter(name).inc(n)
 
 
 def clean_labels(values: Iterable[Any]) -> tuple[str, ...]:

@@ -253,8 +253,8 @@ class _MergeShard(beam.DoFn):
             paths = [run.path for run in runs]
             size = write_tfrecord_gz(path, (record for _, record in merge_runs(paths, self._run_dir)))
             _delete(paths)
-        beam.metrics.Metrics.counter("tagbeam", f"examples_written_{split}").inc(examples)
-        beam.metrics.Metrics.counter("tagbeam", "bytes_written").inc(size)
+        count(f"examples_written_{split}", examples)
+        count("bytes_written", size)
         count(f"shards_written_{split}")
         yield {"split": split, "index": index, "num_shards": num_shards, "file": name,
                "examples": examples, "bytes": size, "label_counts": label_counts}
