@@ -4,7 +4,8 @@ Same images (the train split of the throughput datasets: posters 182x268, chips 
 the full run photo-size 500x375 images made from pairs of posters, see common.make_photos), same
 batch (256), one child process:
 - ours: `trainer.data.image_dataset(info, "train", 256)` - GZIP TFRecords, parse, decode the stored
-  JPEG (the pipeline's default size, common.IMAGE_SIZE), to float, batch, prefetch;
+  JPEG (the pipeline's default size, common.IMAGE_SIZE), batch as uint8, prefetch (the trainer's
+  model converts to float itself, on the accelerator when there is one);
 - the tutorial's: `from_tensor_slices((paths, labels))`, map(read_file + decode_jpeg + resize to
   the same size + /255, AUTOTUNE), batch, prefetch. Its `.cache()` is left out: it keeps every image as
   float32 (602 KB each, 24 GB for 40k posters) and only helps from the second epoch on.

@@ -85,7 +85,8 @@ def _logistic_regression(data_dir: str, images: list[bytes]) -> dict[str, Any]:
 
     info = data.read_dataset_info(data_dir)
     backbone = tf.saved_model.load(embedded_backbone.default_handle())
-    features = tf.function(lambda x: backbone(x, training=False))
+    # The backbone SavedModel takes [0, 1] floats; trainer.data and serving hand over uint8 pixels.
+    features = tf.function(lambda x: backbone(tf.image.convert_image_dtype(x, tf.float32), training=False))
     with Stopwatch() as extract:
         split = {}
         for name in ("train", "val"):

@@ -80,10 +80,12 @@ def test_batch_runner_keeps_outputs_aligned_on_both_replicas(strategy, backbone_
     features, labels = model_lib.BatchRunner(strategy, backbone.features)(data.image_dataset(info, "val", 8))
     images, expected_labels = next(iter(data.image_dataset(info, "val", 35)))
     plain = tf.saved_model.load(backbone_dir)  # a second copy, outside any strategy
-    np.testing.assert_allclose(features, plain(images, False).numpy(), atol=1e-5)
+    # The batches are uint8; the backbone saw them as [0, 1] floats (converted inside the model).
+    assert images.dtype == tf.uint8
+    np.testing.assert_allclose(features, plain(tf.image.convert_image_dtype(images, tf.float32), False).numpy(), atol=1e-5)
     np.testing.assert_array_equal(labels, expected_labels.numpy())
     assert model_lib.feature_dim(strategy, backbone, 24) == features.shape[1] == 48
-    assert tuple(strategy.run(backbone.features, args=(tf.zeros([0, 24, 24, 3]),)).values[0].shape) == (0, 48)
+    assert tuple(strategy.run(backbone.features, args=(tf.zeros([0, 24, 24, 3], tf.uint8),)).values[0].shape) == (0, 48)
 
 
 def test_fine_tuning_updates_only_the_top_backbone_variables(strategy, tmp_path) -> None:

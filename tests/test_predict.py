@@ -15,6 +15,7 @@ import tf_keras
 
 from backbone_factory import write_backbone
 from pipelines import predict, sample_data
+from trainer.model import NonEmptyBatch
 from trainer.serving import export_model
 
 IMAGE_SIZE = 64
@@ -34,9 +35,9 @@ def exported(tmp_path_factory, posters) -> tuple[str, list[str]]:
     with open(os.path.join(posters, "MovieGenre-heldout.csv"), encoding="utf-8") as f:
         labels = sorted({g for row in csv.DictReader(f) for g in row["Genre"].split("|")})
     backbone = hub.KerasLayer(write_backbone(str(root / "backbone"), seed=1), trainable=False)
-    images = tf_keras.Input([IMAGE_SIZE, IMAGE_SIZE, 3])
+    images = tf_keras.Input([IMAGE_SIZE, IMAGE_SIZE, 3], dtype=tf.uint8)  # the export contract
     logits = tf_keras.layers.Dense(len(labels), kernel_initializer=tf_keras.initializers.RandomNormal(seed=2))(
-        backbone(images))
+        NonEmptyBatch(backbone)(images))
     model = tf_keras.Model(images, logits)
     thresholds = np.full(len(labels), 0.5, np.float32)
     export_model(model, str(root / "export"), labels, thresholds, IMAGE_SIZE, "squash", version=1)

@@ -20,6 +20,7 @@ import tf_keras
 from backbone_factory import write_backbone
 from PIL import Image, ImageOps
 
+from trainer.model import NonEmptyBatch
 from trainer.serving import export_model, preprocess_image_bytes
 
 LABELS = ["cat", "coffee", "outdoor", "person"]
@@ -38,8 +39,8 @@ def build_model(backbone: str, num_labels: int, image_size: int) -> tf_keras.Mod
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     with strategy.scope():
         tf_keras.utils.set_random_seed(0)
-        images = tf_keras.Input([image_size, image_size, 3])
-        features = hub.KerasLayer(backbone, trainable=False)(images)
+        images = tf_keras.Input([image_size, image_size, 3], dtype=tf.uint8)  # the export contract
+        features = NonEmptyBatch(hub.KerasLayer(backbone, trainable=False))(images)
         logits = tf_keras.layers.Dense(num_labels, bias_initializer=tf_keras.initializers.Constant(0.0))(features)
         model = tf_keras.Model(images, logits)
     assert isinstance(model.trainable_variables[0], tf.distribute.DistributedValues)
@@ -174,10 +175,10 @@ def test_preprocess_batches_mixed_formats_and_rejects_bad_input():
     batch = [_encode(photo, "JPEG"), _encode(photo, "PNG"), _encode(photo, "GIF"), _encode(photo, "BMP"),
              _encode(grey_alpha, "PNG")]
     out = preprocess_image_bytes(tf.constant(batch), 32, "pad")
-    assert out.shape == (5, 32, 32, 3) and out.dtype == tf.float32
-    assert 0.0 <= float(tf.reduce_min(out)) and float(tf.reduce_max(out)) <= 1.0
+    assert out.shape == (5, 32, 32, 3) and out.dtype == tf.uint8  # the 8-bit pixels a dataset stores
+    assert int(tf.reduce_max(out[:4])) > 200
     # Half-transparent grey on white: every pixel at least halfway to white.
-    assert float(tf.reduce_min(out[4])) >= 0.49
+    assert int(tf.reduce_min(out[4])) >= 125
     assert preprocess_image_bytes(tf.constant([], tf.string), 32, "squash").shape == (0, 32, 32, 3)
     with pytest.raises(ValueError, match="Unknown resize policy 'stretch'"):
         preprocess_image_bytes(tf.constant(batch[:1]), 32, "stretch")
@@ -206,6 +207,6 @@ def test_exif_orientation_is_applied_like_pillow():
     got = preprocess_image_bytes(tf.constant(batch), 48, "squash").numpy()
     for (orientation, big_endian), data, image in zip(cases, batch, got):
         upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
-        expected = np.round(tf.image.resize(upright / 255.0, [48, 48], antialias=True).numpy() * 255) / 255
+        expected = np.round(tf.image.resize(upright / 255.0, [48, 48], antialias=True).numpy() * 255)
         # Serving rounds to 8 bits like a stored image: at most a level apart where a value sits on .5.
-        assert np.abs(image - expected).max() < 1.001 / 255, f"orientation {orientation}, big endian {big_endian}"
+        assert np.abs(image - expected).max() < 1.001, f"orientation {orientation}, big endian {big_endian}"

@@ -26,11 +26,11 @@ from backbone_factory import write_backbone
 from PIL import Image
 
 from pipelines.images import ImageOptions, process
+from trainer.model import NonEmptyBatch
 from trainer.serving import export_model, preprocess_image_bytes
 
 SIZE = 224
 POLICIES = ("squash", "crop", "pad")
-LEVEL = 1 / 255
 PHOTOS = {"chelsea": skimage.data.chelsea(), "astronaut": skimage.data.astronaut(), "coffee": skimage.data.coffee()}
 NUM_LABELS = 6
 PROBABILITY_TOLERANCE = 0.02
@@ -64,7 +64,7 @@ RAW = _raw_images()
 
 def _stored(data: bytes, policy: str, output_format: str) -> np.ndarray:
     stored = process(data, ImageOptions(size=SIZE, policy=policy, output_format=output_format, jpeg_quality=95))
-    return np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"), dtype=np.float32) / 255.0
+    return np.asarray(Image.open(io.BytesIO(stored)).convert("RGB"))  # uint8, as trainer.data yields it
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def _stats(served: np.ndarray, policy: str, output_format: str) -> list[tuple[st
     """(image, mean, 99th percentile, max) of |stored - served| in 8-bit levels, per raw image."""
     rows = []
     for (name, data), image in zip(RAW.items(), served):
-        diff = np.abs(_stored(data, policy, output_format) - image) / LEVEL
+        diff = np.abs(_stored(data, policy, output_format).astype(np.float32) - image)  # 8-bit levels
         rows.append((f"{name} {policy}", diff.mean(), np.percentile(diff, 99), diff.max()))
     return rows
 
@@ -103,9 +103,9 @@ def _small_model(backbone: str, training_images: np.ndarray) -> tf_keras.Model:
     """Tiny backbone + a default-initialised head whose biases centre the logits on the training
     images (so labels fall on both sides of a threshold at their median probability)."""
     tf_keras.utils.set_random_seed(0)
-    images = tf_keras.Input([SIZE, SIZE, 3])
+    images = tf_keras.Input([SIZE, SIZE, 3], dtype=tf.uint8)
     head = tf_keras.layers.Dense(NUM_LABELS)
-    model = tf_keras.Model(images, head(hub.KerasLayer(backbone, trainable=False)(images)))
+    model = tf_keras.Model(images, head(NonEmptyBatch(hub.KerasLayer(backbone, trainable=False))(images)))
     kernel, bias = head.get_weights()
     head.set_weights([kernel, bias - model(training_images).numpy().mean(axis=0)])
     return model

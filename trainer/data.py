@@ -164,7 +164,7 @@ def _parser(info: DatasetInfo):
 
     def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(serialized, spec)
-        return tf.ensure_shape(decode(example["image"]), [size, size, 3]), example["labels"]
+        return tf.ensure_shape(decode(example["image"]), [size, size, 3]), tf.cast(example["labels"], tf.float32)
 
     return parse
 
@@ -191,7 +191,7 @@ def image_dataset(
     seed: int | None = None,
     augment: str = "none",
 ) -> tf.data.Dataset:
-    """(float32 images [B,S,S,3] in [0,1], float32 multi-hot [B,K]) batches of `split`.
+    """(uint8 images [B,S,S,3], the pixels as stored; float32 multi-hot [B,K]) batches of `split`.
 
     Training shuffles shard order and examples (reproducibly when `seed` is set), applies
     `augment` and drops a short last batch; evaluation reads every example with shards in their
@@ -210,9 +210,9 @@ def image_dataset(
     dataset = dataset.map(_parser(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     if training and augment != "none":
         dataset = dataset.map(_augmenter(augment, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-    # Images stay uint8 until batched: one vectorized conversion per batch costs less than one per
-    # image and moves 4x fewer bytes through the per-example stages (measured +10 % examples/CPU-s).
-    return _batched(dataset, split_info.examples, global_batch_size, training, to_float=True)
+    # Images stay uint8: the model converts them to float (model.NonEmptyBatch), on the accelerator
+    # when there is one, so the host builds and ships batches 4x smaller (docs/dataset.md).
+    return _batched(dataset, split_info.examples, global_batch_size, training)
 
 
 def feature_dataset(
@@ -230,12 +230,7 @@ def feature_dataset(
     return _batched(dataset, len(features), global_batch_size, training)
 
 
-def _as_float(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    return tf.image.convert_image_dtype(images, tf.float32), tf.cast(labels, tf.float32)
-
-
-def _batched(dataset: tf.data.Dataset, examples: int, global_batch_size: int, training: bool,
-             to_float: bool = False) -> tf.data.Dataset:
+def _batched(dataset: tf.data.Dataset, examples: int, global_batch_size: int, training: bool) -> tf.data.Dataset:
     """Global batches with a known count; training drops the short last batch.
 
     Under MirroredStrategy a short batch may be split unevenly (even [n, 0]), and Keras averages
@@ -247,8 +242,6 @@ def _batched(dataset: tf.data.Dataset, examples: int, global_batch_size: int, tr
     drop = training and examples >= global_batch_size
     batches = examples // global_batch_size if drop else -(-examples // global_batch_size)
     dataset = dataset.batch(global_batch_size, drop_remainder=drop)
-    if to_float:
-        dataset = dataset.map(_as_float, num_parallel_calls=tf.data.AUTOTUNE)
     return dataset.apply(tf.data.experimental.assert_cardinality(batches)).prefetch(tf.data.AUTOTUNE)
 
 
@@ -256,7 +249,7 @@ def sample_images(info: DatasetInfo, split: str, count: int) -> tuple[np.ndarray
     """The first `count` (uint8 images [n,S,S,3], multi-hot [n,K]) of `split` in stored order, for reports."""
     images, labels = [], []
     for image, label in image_dataset(info, split, count).take(1):
-        images.append(tf.image.convert_image_dtype(image, tf.uint8, saturate=True).numpy())
+        images.append(image.numpy())
         labels.append(label.numpy())
     if not images:
         return np.zeros((0, info.image_size, info.image_size, 3), np.uint8), np.zeros((0, info.num_labels), np.float32)

@@ -1,7 +1,8 @@
 """Distribution strategy, TF Hub backbone and classification head (tf_keras only, never tf.keras).
 
-The model maps float images [B,S,S,3] in [0,1] to LOGITS [B,K]; probabilities are their
-sigmoid (losses and metrics take logits for numerical stability).
+The model maps uint8 images [B,S,S,3] (the pixels as stored) to LOGITS [B,K]; it converts them to
+the [0, 1] floats a TF Hub image backbone takes itself. Probabilities are the logits' sigmoid
+(losses and metrics take logits for numerical stability).
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ def setup_strategy(cpu_replicas: int = 1) -> tf.distribute.MirroredStrategy:
 class NonEmptyBatch(tf_keras.layers.Layer):
     """Calls the wrapped backbone on at least one image and returns the rows of the real ones.
 
+    Takes uint8 images [B,S,S,3] (or float ones in [0, 1]).
+
     MirroredStrategy splits a short last batch by filling replicas in order, so a replica can get
     an EMPTY batch, and TF 2.21's oneDNN conv2d returns its input unchanged for an empty batch
     (shape [0,H,W,3] instead of [0,H',W',C]), which breaks every conv backbone there. Padding one
@@ -67,6 +70,10 @@ class NonEmptyBatch(tf_keras.layers.Layer):
         self.backbone = backbone
 
     def call(self, images: tf.Tensor) -> tf.Tensor:
+        # uint8 pixels (what trainer.data and the serving signature hand over) become [0, 1] here,
+        # inside the model: on an accelerator the host never builds float batches 4x their size.
+        # Float input is taken as already in [0, 1] (convert_image_dtype leaves it unchanged).
+        images = tf.image.convert_image_dtype(images, tf.float32)
         count = tf.shape(images)[0]
         padded = tf.pad(images, [[0, tf.maximum(0, 1 - count)], [0, 0], [0, 0], [0, 0]])
         # training=False even when fine-tuning: batch-norm statistics stay those of pre-training
@@ -77,7 +84,7 @@ class NonEmptyBatch(tf_keras.layers.Layer):
 @dataclasses.dataclass(frozen=True)
 class Backbone:
     layer: hub.KerasLayer
-    features: NonEmptyBatch  # what callers use: images [B,S,S,3] -> features [B,D], safe for B = 0
+    features: NonEmptyBatch  # what callers use: uint8 images [B,S,S,3] -> features [B,D], safe for B = 0
     loaded: object  # the restored SavedModel object the layer wraps
     handle: str
     path: str  # the resolved SavedModel directory
@@ -167,7 +174,7 @@ def feature_dim(strategy: tf.distribute.Strategy, backbone: Backbone, image_size
     SavedModel functions refuse the cross-replica context that plain eager calls get in a scope)."""
     @tf.function
     def probe() -> tf.Tensor:
-        blank = tf.zeros([1, image_size, image_size, 3])
+        blank = tf.zeros([1, image_size, image_size, 3], tf.uint8)
         return strategy.run(backbone.features, args=(blank,))
 
     return int(strategy.experimental_local_results(probe())[0].shape[-1])
@@ -214,8 +221,11 @@ class FineTuneModel(tf_keras.Model):
 
 def build_classifier(backbone: Backbone, head: tf_keras.Model, image_size: int,
                      model_class: type[tf_keras.Model] = tf_keras.Model) -> tf_keras.Model:
-    """images [B,S,S,3] in [0,1] -> logits [B,K], sharing `head`'s weights."""
-    images = tf_keras.Input([image_size, image_size, 3], name="images")
+    """uint8 images [B,S,S,3] -> logits [B,K], sharing `head`'s weights.
+
+    The input is uint8 because a functional model casts whatever it is given to its input's dtype
+    (a float input would turn pixels 0..255 into values the backbone never saw)."""
+    images = tf_keras.Input([image_size, image_size, 3], dtype=tf.uint8, name="images")
     return model_class(images, head(backbone.features(images)), name="tagger")
 
 

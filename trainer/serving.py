@@ -220,16 +220,16 @@ def _as_stored(image: tf.Tensor, jpeg_quality: int | None) -> tf.Tensor:
     average; on real photos that shifted an ImageNet MobileNetV2's class probabilities by up to
     0.13 when serving skipped it, and 0.03 when serving reproduces it."""
     pixels = tf.cast(tf.round(image * 255.0), tf.uint8)
-    if jpeg_quality is not None:
-        encoded = tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
-        pixels = tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
-    return tf.image.convert_image_dtype(pixels, tf.float32)
+    if jpeg_quality is None:
+        return pixels
+    encoded = tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
+    return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
 
 
 def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_policy: str,
                            jpeg_quality: int | None = None) -> tf.Tensor:
-    """Encoded JPEG/PNG/GIF/BMP/WebP strings [B] -> float32 [B, S, S, 3] in [0, 1], the way the
-    pipeline turns the same bytes into a training image (pipelines/images.py, docs/dataset.md).
+    """Encoded JPEG/PNG/GIF/BMP/WebP strings [B] -> uint8 [B, S, S, 3], the pixels the pipeline
+    stores for the same bytes (pipelines/images.py, docs/dataset.md) and trainer.data reads back.
 
     ``jpeg_quality``: the dataset's ``jpeg_quality`` when its ``image_format`` is ``jpeg`` (the
     training images then carry that JPEG's compression error, and so will these); None for PNG.
@@ -245,7 +245,7 @@ def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_polic
     return tf.map_fn(
         one,
         tf.convert_to_tensor(image_bytes, tf.string),
-        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
+        fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.uint8),
     )
 
 
@@ -298,7 +298,7 @@ def export_model(
 ) -> str:
     """Writes the serving SavedModel to ``<export_base>/<version>/`` and returns that folder.
 
-    ``model`` maps float images [B, S, S, 3] in [0, 1] to logits [B, K]. Pass the dataset's
+    ``model`` maps uint8 images [B, S, S, 3] to logits [B, K]. Pass the dataset's
     ``jpeg_quality`` when its ``image_format`` is ``jpeg`` (see ``preprocess_image_bytes``). The
     SavedModel is written to a hidden sibling folder first and renamed into place, so TF Serving
     (which watches ``export_base`` for numeric folders) never sees a partial version.

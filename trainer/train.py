@@ -95,7 +95,7 @@ class OutputDirs:
 
 @dataclasses.dataclass
 class TrainResult:
-    model: tf_keras.Model  # images [B,S,S,3] in [0,1] -> logits [B,K], best weights loaded
+    model: tf_keras.Model  # uint8 images [B,S,S,3] -> logits [B,K], best weights loaded
     path: str  # CACHED or THROUGH_BACKBONE
     history: dict[str, list[float]]  # every epoch, across restarts
     initial_epoch: int  # > 0 when this run resumed from a backup
