@@ -40,6 +40,7 @@ def measure(dataset: Path, manifest: Path) -> dict[str, Any]:
     return {
         "examples": len(lengths),
         "image_size": info["image_size"], "image_format": info["image_format"], "jpeg_quality": info.get("jpeg_quality"),
+        "jpeg_subsampling": info.get("jpeg_subsampling", "4:4:4"),
         "bytes_on_disk_per_example": on_disk / len(lengths),
         "serialized_bytes_per_example": sum(lengths) / len(lengths),
         "source_jpeg_bytes_per_image": sum(sources) / len(sources),
@@ -60,7 +61,7 @@ def run(ctx: Context) -> dict[str, Any]:
         summary.append(summary_row(
             f"shard bytes per {kind} example vs float32 {IMAGE_SIZE}x{IMAGE_SIZE}x3", f"1/{1 / m['fraction_of_float32']:.0f}",
             "<= 1/8", m["fraction_of_float32"] <= TARGET_FRACTION,
-            f"{m['bytes_on_disk_per_example']:,.0f} B on disk (JPEG q{m['jpeg_quality']} 4:4:4) vs {FLOAT32_BYTES:,} B"))
+            f"{m['bytes_on_disk_per_example']:,.0f} B on disk (JPEG q{m['jpeg_quality']} {m['jpeg_subsampling']}) vs {FLOAT32_BYTES:,} B"))
     table = format_table(("set", "examples", "source JPEG B", "Example B (serialized)", "B on disk (GZIP)",
                           "vs float32", "vs uint8"), rows, f"Bytes per example ({IMAGE_SIZE}x{IMAGE_SIZE} RGB)")
     return {"measured": measured, "summary": summary, "table": table}

@@ -149,6 +149,7 @@ def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: di
         "image_size": options["image_size"],
         "image_format": options["image_format"],
         "jpeg_quality": options["jpeg_quality"],
+        "jpeg_subsampling": options["jpeg_subsampling"],
         "resize_policy": options["resize_policy"],
         "splits": splits,
         "input_rows": input_rows,

@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     img.add_argument("--resize_policy", choices=images.RESIZE_POLICIES, default=_IMAGE_DEFAULTS.policy)
     img.add_argument("--image_format", choices=images.OUTPUT_FORMATS, default=_IMAGE_DEFAULTS.output_format)
     img.add_argument("--jpeg_quality", type=int, default=_IMAGE_DEFAULTS.jpeg_quality)
+    img.add_argument("--jpeg_subsampling", choices=images.JPEG_SUBSAMPLINGS, default=_IMAGE_DEFAULTS.jpeg_subsampling,
+                     help="chroma subsampling of the stored JPEGs (default: %(default)s, as most source JPEGs are)")
     img.add_argument("--max_image_pixels", type=int, default=_IMAGE_DEFAULTS.max_pixels,
                      help="refuse images with more pixels (decompression bombs)")
     net = p.add_argument_group("fetching")
@@ -131,6 +133,7 @@ def _options(args: argparse.Namespace) -> ExampleOptions:
             allow_link_local=args.allow_link_local, allow_local_files=args.allow_local_files)
         image_options = images.ImageOptions(size=args.image_size, policy=args.resize_policy,
                                             output_format=args.image_format, jpeg_quality=args.jpeg_quality,
+                                            jpeg_subsampling=args.jpeg_subsampling,
                                             max_pixels=args.max_image_pixels)
     except ValueError as err:  # the option classes name the field; say it as a flag problem
         raise UsageError(f"invalid flag value: {err}") from None

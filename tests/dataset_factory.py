@@ -116,6 +116,7 @@ def write_dataset(
         "image_size": image_size,
         "image_format": image_format,
         "jpeg_quality": 95,
+        "jpeg_subsampling": "4:2:0",  # Pillow's default, what _encode writes
         "resize_policy": "squash",
         "splits": splits,
         "input_rows": total,

@@ -71,6 +71,17 @@ def test_png_datasets_decode(tmp_path) -> None:
     info = data.read_dataset_info(root)
     images, labels = next(iter(data.image_dataset(info, "train", 5)))
     assert images.shape == (5, 16, 16, 3) and labels.shape == (5, 3)
+    assert info.stored_jpeg is None  # nothing for serving to re-encode
+
+
+def test_stored_jpeg_settings_default_to_4_4_4_for_older_datasets(tmp_path) -> None:
+    root = write_dataset(str(tmp_path / "ds"), {"train": 2}, 16, LABELS, seed=1)
+    assert data.read_dataset_info(root).stored_jpeg == (95, "4:2:0")
+    path = os.path.join(root, "dataset.json")
+    meta = json.load(open(path))
+    del meta["jpeg_subsampling"]  # written before the pipeline recorded it (and stored 4:4:4)
+    json.dump(meta, open(path, "w"))
+    assert data.read_dataset_info(root).stored_jpeg == (95, "4:4:4")
 
 
 def test_missing_dataset_json_says_to_run_the_pipeline(tmp_path) -> None:

@@ -258,11 +258,13 @@ def test_output_matches_tf_resize_and_is_compact(capsys):
     source = photo_jpeg(500, 375)
     float32_bytes = size * size * 3 * 4
     lines = []
-    for fmt, max_limit, mean_limit in (("png", 1.5, 0.5), ("jpeg", 16.0, 2.0)):
+    # 4:2:0 halves colour resolution: its worst pixels sit on sharp colour edges (pad's black border).
+    for fmt, sub, max_limit, mean_limit in (("png", "4:2:0", 1.5, 0.5), ("jpeg", "4:4:4", 16.0, 2.0),
+                                            ("jpeg", "4:2:0", 20.0, 2.0)):
         for policy in ("squash", "crop", "pad"):
-            out = process(source, ImageOptions(size=size, policy=policy, output_format=fmt))
+            out = process(source, ImageOptions(size=size, policy=policy, output_format=fmt, jpeg_subsampling=sub))
             diff = np.abs(pixels(out) - tf_reference(source, size, policy))
-            lines.append(f"500x375 {fmt:4} {policy:6}: max {diff.max():5.2f} mean {diff.mean():.3f}, "
+            lines.append(f"500x375 {fmt:4} {sub} {policy:6}: max {diff.max():5.2f} mean {diff.mean():.3f}, "
                          f"{len(out)} bytes = 1/{float32_bytes / len(out):.0f} of float32")
             assert diff.max() <= max_limit and diff.mean() < mean_limit, lines[-1]
             if fmt == "jpeg":
@@ -277,6 +279,19 @@ def test_output_matches_tf_resize_and_is_compact(capsys):
         assert diff.max() <= 3.0 and diff.mean() < 0.5, lines[-1]
     with capsys.disabled():
         print("\n" + "\n".join(lines))
+
+
+def test_jpeg_chroma_subsampling_is_chosen_by_option():
+    from PIL import JpegImagePlugin
+
+    source = photo_jpeg(500, 375)
+    stored = {sub: process(source, ImageOptions(size=96, jpeg_subsampling=sub)) for sub in ("4:2:0", "4:4:4")}
+    assert stored["4:2:0"] == process(source, ImageOptions(size=96))  # the default
+    assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(stored["4:2:0"]))) == 2
+    assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(stored["4:4:4"]))) == 0
+    assert len(stored["4:2:0"]) < len(stored["4:4:4"])
+    with pytest.raises(ValueError, match="jpeg_subsampling '4:1:1' is not one of"):
+        ImageOptions(jpeg_subsampling="4:1:1")
 
 
 def test_image_error_and_options_pickle():

@@ -409,8 +409,8 @@ def test_lost_rows_fail_the_commit_with_the_numbers():
 
     shard = {"split": "train", "index": 0, "num_shards": 1, "file": "train-00000-of-00001.tfrecord.gz",
              "examples": 7, "bytes": 100, "label_counts": [7]}
-    options = {"image_size": 32, "image_format": "jpeg", "jpeg_quality": 95, "resize_policy": "squash",
-               "unlabeled": "reject"}
+    options = {"image_size": 32, "image_format": "jpeg", "jpeg_quality": 95, "jpeg_subsampling": "4:2:0",
+               "resize_policy": "squash", "unlabeled": "reject"}
     info = dataset_info.build_info(labels=["a"], input_rows=9, rejected_by_reason={"fetch:http_404": 2},
                                    shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], options=options)
     assert info["splits"]["train"]["examples"] == 7 and info["splits"]["val"]["shards"] == 0

@@ -55,6 +55,14 @@ class DatasetInfo:
     def num_labels(self) -> int:
         return len(self.labels)
 
+    @property
+    def stored_jpeg(self) -> tuple[int, str] | None:
+        """(quality, chroma subsampling) of the stored JPEGs, None when images are PNG. Datasets
+        written before the pipeline recorded the subsampling hold 4:4:4 JPEGs."""
+        if self.image_format != "jpeg":
+            return None
+        return int(self.meta.get("jpeg_quality", 95)), str(self.meta.get("jpeg_subsampling", "4:4:4"))
+
     def split(self, name: str) -> SplitInfo:
         """The split's info; a split absent from dataset.json is an empty split."""
         return self.splits.get(name) or SplitInfo(name, 0, (), np.zeros(self.num_labels, np.int64))

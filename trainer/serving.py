@@ -23,6 +23,7 @@ import tf_keras
 from trainer.thresholds import thresholds_to_json
 
 RESIZE_POLICIES = ("squash", "crop", "pad")
+JPEG_SUBSAMPLINGS = ("4:2:0", "4:4:4")  # pipelines/images.py: the chroma subsampling of stored JPEGs
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image_bytes"
 
@@ -205,42 +206,45 @@ def _preprocess_one(data: tf.Tensor, size: int, resize_policy: str) -> tf.Tensor
     return tf.image.pad_to_bounding_box(resized, (size - new_h) // 2, (size - new_w) // 2, size, size)
 
 
-def _check_options(image_size: int, resize_policy: str, jpeg_quality: int | None) -> None:
+def _check_options(image_size: int, resize_policy: str, jpeg_quality: int | None, jpeg_subsampling: str) -> None:
     if resize_policy not in RESIZE_POLICIES:
         raise ValueError(f"Unknown resize policy {resize_policy!r}: choose one of {', '.join(RESIZE_POLICIES)}.")
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}.")
     if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in 1..100 or None, got {jpeg_quality}.")
+    if jpeg_subsampling not in JPEG_SUBSAMPLINGS:
+        raise ValueError(f"jpeg_subsampling must be one of {', '.join(JPEG_SUBSAMPLINGS)}, got {jpeg_subsampling!r}.")
 
 
-def _as_stored(image: tf.Tensor, jpeg_quality: int | None) -> tf.Tensor:
+def _as_stored(image: tf.Tensor, jpeg_quality: int | None, jpeg_subsampling: str) -> tf.Tensor:
     """The pixels a dataset file holds: 8-bit, and through the JPEG codec when stored as JPEG
-    (4:4:4, like pipelines/images.py). A 95-quality round trip moves pixels by 0.8-1.7 levels on
+    (same quality and chroma subsampling as pipelines/images.py). A 95-quality round trip moves pixels by 0.8-1.7 levels on
     average; on real photos that shifted an ImageNet MobileNetV2's class probabilities by up to
     0.13 when serving skipped it, and 0.03 when serving reproduces it."""
     pixels = tf.cast(tf.round(image * 255.0), tf.uint8)
     if jpeg_quality is None:
         return pixels
-    encoded = tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=False)
+    encoded = tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=jpeg_subsampling == "4:2:0")
     return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
 
 
 def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_policy: str,
-                           jpeg_quality: int | None = None) -> tf.Tensor:
+                           jpeg_quality: int | None = None, jpeg_subsampling: str = "4:2:0") -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP strings [B] -> uint8 [B, S, S, 3], the pixels the pipeline
     stores for the same bytes (pipelines/images.py, docs/dataset.md) and trainer.data reads back.
 
     ``jpeg_quality``: the dataset's ``jpeg_quality`` when its ``image_format`` is ``jpeg`` (the
     training images then carry that JPEG's compression error, and so will these); None for PNG.
+    ``jpeg_subsampling``: the dataset's chroma subsampling (``DatasetInfo.stored_jpeg``).
     Per-image work runs in tf.map_fn because images differ in size. A batch with an undecodable
     image fails as a whole (TF Serving answers 400 with the decode error).
     """
-    _check_options(image_size, resize_policy, jpeg_quality)
+    _check_options(image_size, resize_policy, jpeg_quality, jpeg_subsampling)
 
     def one(data: tf.Tensor) -> tf.Tensor:
         resized = tf.clip_by_value(_preprocess_one(data, image_size, resize_policy), 0.0, 1.0)
-        return _as_stored(resized, jpeg_quality)
+        return _as_stored(resized, jpeg_quality, jpeg_subsampling)
 
     return tf.map_fn(
         one,
@@ -257,7 +261,8 @@ class _Servable(tf.Module):
     """
 
     def __init__(self, model: tf_keras.Model, labels: Sequence[str], thresholds: np.ndarray,
-                 image_size: int, resize_policy: str, jpeg_quality: int | None, asset_dir: str) -> None:
+                 image_size: int, resize_policy: str, jpeg_quality: int | None, jpeg_subsampling: str,
+                 asset_dir: str) -> None:
         super().__init__(name="tagbeam_servable")
         self.model_variables = list(model.variables)
         self.labels_file = tf.saved_model.Asset(posixpath.join(asset_dir, "labels.txt"))
@@ -267,7 +272,7 @@ class _Servable(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
         def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-            images = preprocess_image_bytes(image_bytes, image_size, resize_policy, jpeg_quality)
+            images = preprocess_image_bytes(image_bytes, image_size, resize_policy, jpeg_quality, jpeg_subsampling)
             probabilities = tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
             chosen = probabilities >= label_thresholds
             names = tf.broadcast_to(label_names, tf.shape(probabilities))
@@ -295,11 +300,13 @@ def export_model(
     resize_policy: str,
     version: int | None = None,
     jpeg_quality: int | None = None,
+    jpeg_subsampling: str = "4:2:0",
 ) -> str:
     """Writes the serving SavedModel to ``<export_base>/<version>/`` and returns that folder.
 
     ``model`` maps uint8 images [B, S, S, 3] to logits [B, K]. Pass the dataset's
-    ``jpeg_quality`` when its ``image_format`` is ``jpeg`` (see ``preprocess_image_bytes``). The
+    ``jpeg_quality`` and ``jpeg_subsampling`` when its ``image_format`` is ``jpeg`` (see
+    ``preprocess_image_bytes``). The
     SavedModel is written to a hidden sibling folder first and renamed into place, so TF Serving
     (which watches ``export_base`` for numeric folders) never sees a partial version.
     """
@@ -311,7 +318,7 @@ def export_model(
             f"export_model: the model has {outputs} outputs, but got {len(labels)} labels and "
             f"thresholds of shape {thresholds.shape}; all three must match (one per label)."
         )
-    _check_options(image_size, resize_policy, jpeg_quality)
+    _check_options(image_size, resize_policy, jpeg_quality, jpeg_subsampling)
     tf.io.gfile.makedirs(export_base)
     version = _next_version(export_base) if version is None else int(version)
     final = posixpath.join(export_base, str(version))
@@ -324,7 +331,8 @@ def export_model(
             out.write("".join(f"{label}\n" for label in labels))
         with open(posixpath.join(asset_dir, "thresholds.json"), "w", encoding="utf-8") as out:
             out.write(thresholds_to_json(labels, thresholds))
-        servable = _Servable(model, labels, thresholds, image_size, resize_policy, jpeg_quality, asset_dir)
+        servable = _Servable(model, labels, thresholds, image_size, resize_policy, jpeg_quality, jpeg_subsampling,
+                             asset_dir)
         try:
             tf.saved_model.save(servable, staging, signatures={SIGNATURE_NAME: servable.serve})
             tf.io.gfile.rename(staging, final)

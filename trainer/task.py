@@ -200,11 +200,11 @@ def run(args: argparse.Namespace) -> RunOutcome:
         ]
         write_report(args.model_dir, metrics, result.history, samples)
 
-    # Serving re-encodes the resized image at the dataset's JPEG quality, so the model sees the same
+    # Serving re-encodes the resized image like the stored JPEGs, so the model sees the same
     # compression artefacts it was trained on (cuts the probability skew ~5x; tests/test_skew.py).
-    jpeg_quality = info.meta.get("jpeg_quality") if info.image_format == "jpeg" else None
+    jpeg_quality, jpeg_subsampling = info.stored_jpeg or (None, "4:2:0")
     export_path = export_model(result.model, export_base, labels, thresholds, info.image_size, info.resize_policy,
-                               args.version, jpeg_quality=jpeg_quality)
+                               args.version, jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling)
     _write_text(data.join_path(args.model_dir, "history.json"), json.dumps(result.history, indent=2) + "\n")
     _write_text(data.join_path(args.model_dir, "thresholds.json"), thresholds_to_json(labels, thresholds))
     _write_text(data.join_path(args.model_dir, "labels.txt"), "".join(f"{label}\n" for label in labels))
