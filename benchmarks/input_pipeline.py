@@ -3,7 +3,7 @@
 Same images (the train split of the throughput datasets: posters 182x268, chips 256x256, and in
 the full run photo-size 500x375 images made from pairs of posters, see common.make_photos), same
 batch (256), one child process:
-- ours: `trainer.data.image_dataset(info, "train", 256)` - GZIP TFRecords, parse, decode the stored
+- ours: `trainer.data.image_dataset(info, "train", 256)` - TFRecords (uncompressed by default), parse, decode the stored
   JPEG (the pipeline's default size, common.IMAGE_SIZE), batch as uint8, prefetch (the trainer's
   model converts to float itself, on the accelerator when there is one);
 - the tutorial's: `from_tensor_slices((paths, labels))`, map(read_file + decode_jpeg + resize to
@@ -55,7 +55,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     result = {}
     for entry in spec["sets"]:
         info = data.read_dataset_info(entry["dataset"])
-        ids = [r.numpy().decode() for r in tf.data.TFRecordDataset(list(info.split("train").files), "GZIP").map(
+        ids = [r.numpy().decode() for r in tf.data.TFRecordDataset(list(info.split("train").files), info.compression_type).map(
             lambda s: tf.io.parse_single_example(s, {"id": tf.io.FixedLenFeature([], tf.string)})["id"])]
         by_id = {row.id: row for row in read_manifest(Path(entry["manifest"]))}
         index = {label: i for i, label in enumerate(info.labels)}

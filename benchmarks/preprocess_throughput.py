@@ -3,7 +3,8 @@
 One child process does everything, so the three are measured on the same files in the same run:
 - decode limit: read the file, Pillow open + convert("RGB") + resize to the pipeline's default size (bilinear);
 - same-work loop: read the file, `pipelines.images.process` with the pipeline's default options,
-  the pipeline's tf.train.Example bytes, hash split, GZIP TFRecord per split (tf.io.TFRecordWriter);
+  the pipeline's tf.train.Example bytes, hash split, an uncompressed TFRecord per split like the
+  pipeline's default shards (tf.io.TFRecordWriter);
 - the pipeline: `pipelines.preprocess` in-process (FnApiRunner, one worker, local files), the whole
   job (label vocabulary with TFT, then fetch/decode/encode/shard), after a warm-up run.
 Per core = images per CPU-second of the process (user + sys, all threads). The loops run before and
@@ -48,7 +49,7 @@ def _same_work(rows: Sequence[Any], out_dir: Path) -> None:
     options = images.ImageOptions(size=IMAGE_SIZE)
     vocab = {label: i for i, label in enumerate(sorted({label for row in rows for label in row.labels}))}
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: tf.io.TFRecordWriter(str(out_dir / f"{s}.tfrecord.gz"), options="GZIP") for s in splits.SPLITS}
+    writers = {s: tf.io.TFRecordWriter(str(out_dir / f"{s}.tfrecord")) for s in splits.SPLITS}  # uncompressed
     try:
         for row in rows:
             with open(row.path, "rb") as f:

@@ -1,8 +1,8 @@
 """Bytes per example in the shards vs float32 pixels at the same size (the Google book's format).
 
 Reads the datasets of the throughput and input-pipeline benchmarks (built here if absent): bytes on
-disk (GZIP shards) and the serialized tf.train.Example size (TFRecord frames read with gzip and
-struct, no TensorFlow), against float32 and uint8 pixels at the dataset's size (common.IMAGE_SIZE, the
+disk (as the pipeline stores them, uncompressed by default) and the serialized tf.train.Example size
+(TFRecord frames read with struct, no TensorFlow), against float32 and uint8 pixels at the dataset's size (common.IMAGE_SIZE, the
 pipeline's default).
 """
 from __future__ import annotations
@@ -23,8 +23,8 @@ TARGET_FRACTION = 1 / 8
 
 
 def record_lengths(path: Path) -> Iterator[int]:
-    """Lengths of the records of a GZIP TFRecord file (length u64, crc u32, data, crc u32)."""
-    with gzip.open(path, "rb") as f:
+    """Lengths of the records of a TFRecord file, GZIP or not (length u64, crc u32, data, crc u32)."""
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
         while header := f.read(12):
             (length,) = struct.unpack("<Q", header[:8])
             f.seek(length + 4, 1)
@@ -41,6 +41,7 @@ def measure(dataset: Path, manifest: Path) -> dict[str, Any]:
         "examples": len(lengths),
         "image_size": info["image_size"], "image_format": info["image_format"], "jpeg_quality": info.get("jpeg_quality"),
         "jpeg_subsampling": info.get("jpeg_subsampling", "4:4:4"),
+        "shard_compression": info.get("shard_compression", "gzip"),
         "bytes_on_disk_per_example": on_disk / len(lengths),
         "serialized_bytes_per_example": sum(lengths) / len(lengths),
         "source_jpeg_bytes_per_image": sum(sources) / len(sources),
@@ -61,8 +62,9 @@ def run(ctx: Context) -> dict[str, Any]:
         summary.append(summary_row(
             f"shard bytes per {kind} example vs float32 {IMAGE_SIZE}x{IMAGE_SIZE}x3", f"1/{1 / m['fraction_of_float32']:.0f}",
             "<= 1/8", m["fraction_of_float32"] <= TARGET_FRACTION,
-            f"{m['bytes_on_disk_per_example']:,.0f} B on disk (JPEG q{m['jpeg_quality']} {m['jpeg_subsampling']}) vs {FLOAT32_BYTES:,} B"))
-    table = format_table(("set", "examples", "source JPEG B", "Example B (serialized)", "B on disk (GZIP)",
+            f"{m['bytes_on_disk_per_example']:,.0f} B on disk (JPEG q{m['jpeg_quality']} {m['jpeg_subsampling']}, "
+            f"shards {m['shard_compression']}) vs {FLOAT32_BYTES:,} B"))
+    table = format_table(("set", "examples", "source JPEG B", "Example B (serialized)", "B on disk",
                           "vs float32", "vs uint8"), rows, f"Bytes per example ({IMAGE_SIZE}x{IMAGE_SIZE} RGB)")
     return {"measured": measured, "summary": summary, "table": table}
 

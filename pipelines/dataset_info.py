@@ -27,7 +27,8 @@ DATASET_JSON = "dataset.json"
 LABELS_TXT = "labels.txt"
 TRANSFORM_OUTPUT = "transform_output"
 REJECTED_PREFIX = "rejected"
-_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, "*.tfrecord.gz", f"{REJECTED_PREFIX}-*.jsonl")
+_SHARD_PATTERNS = ("*.tfrecord", "*.tfrecord.gz")
+_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, *_SHARD_PATTERNS, f"{REJECTED_PREFIX}-*.jsonl")
 # Temporary files (`<name>.tmp-<uuid>`) and folders (the shard writer's `runs.tmp-<uuid>/`).
 _TEMPORARIES = "*.tmp-*"
 
@@ -74,7 +75,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
     Left-overs of a failed run (transform output, a dead letter, temporary files) are replaced
     silently; shards or a dataset.json are only replaced with --overwrite.
     """
-    if not overwrite and (_matches(join(output, DATASET_JSON)) or _matches(join(output, "*.tfrecord.gz"))):
+    if not overwrite and any(_matches(join(output, pattern)) for pattern in (DATASET_JSON, *_SHARD_PATTERNS)):
         raise UsageError(f"--output {output} already holds a dataset (dataset.json or shards); pass --overwrite "
                          "to replace it, or choose another --output")
     for pattern in _OUTPUT_PATTERNS:
@@ -151,6 +152,7 @@ def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: di
         "jpeg_quality": options["jpeg_quality"],
         "jpeg_subsampling": options["jpeg_subsampling"],
         "resize_policy": options["resize_policy"],
+        "shard_compression": options["shard_compression"],
         "splits": splits,
         "input_rows": input_rows,
         "rejected": rejected,

@@ -6,7 +6,7 @@
 One Beam pipeline: parse, drop duplicate ids, count labels and compute the label vocabulary with
 tensorflow-transform into <output>/transform_output/ (from the manifest alone, before any image is
 fetched); then, with the labels as a side input, encode labels, fetch + decode + resize images in
-batches, split by a hash of the id, write byte-sized GZIP TFRecord shards and the dead letter
+batches, split by a hash of the id, write byte-sized TFRecord shards and the dead letter
 (rejected-*.jsonl), then labels.txt and, last, dataset.json.
 Arguments this parser does not know go to Beam's PipelineOptions (--runner, --project, --region,
 --temp_location, --setup_file, --direct_num_workers, --direct_running_mode, ...).
@@ -34,7 +34,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines import cli, dataset_info, fetch, images, manifests, splits, vocabulary
 from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
 from pipelines.manifests import REJECTED_TAG, UsageError
-from pipelines.shards import ShardPlan, WriteShards
+from pipelines.shards import SHARD_COMPRESSIONS, ShardPlan, WriteShards
 
 _LOG = logging.getLogger("pipelines.preprocess")
 # Runners that execute on this machine: their workers can share a local temporary folder.
@@ -102,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--val_fraction", type=float, default=0.1)
     out.add_argument("--test_fraction", type=float, default=0.1)
     out.add_argument("--target_shard_mb", type=float, default=64.0, help="target shard size in MiB (uncompressed)")
+    out.add_argument("--shard_compression", choices=SHARD_COMPRESSIONS, default="none",
+                     help="none (default: the images are JPEG/PNG already, and every training read would pay to "
+                          "inflate them) or gzip")
     return p
 
 
@@ -203,7 +206,7 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
                | "Batch" >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
                | "EncodeRows" >> beam.ParDo(EncodeRows(example_options), beam.pvalue.AsSingleton(plan)
                                             ).with_outputs(REJECTED_TAG, main="rows"))
-    shards = encoded.rows | "WriteShards" >> WriteShards(args.output, plan)
+    shards = encoded.rows | "WriteShards" >> WriteShards(args.output, plan, args.shard_compression)
     rejected_files = ((parsed.rejected, unique.rejected, encoded.rejected)
                       | "AllRejected" >> beam.Flatten()
                       | "ToJson" >> beam.Map(lambda r: json.dumps(r, ensure_ascii=False))

@@ -202,7 +202,7 @@ def score_exports(data_dir: str, export_dirs: list[str], beta: float) -> tuple[i
     servables = [_load_servable(export_dir, labels) for export_dir in export_dirs]
     spec = {"image": tf.io.FixedLenFeature([], tf.string),
             "labels": tf.io.FixedLenFeature([info.num_labels], tf.int64)}
-    records = (tf.data.TFRecordDataset(list(split.files), compression_type="GZIP")
+    records = (tf.data.TFRecordDataset(list(split.files), compression_type=info.compression_type)
                .map(lambda record: tf.io.parse_single_example(record, spec)).batch(SCORING_BATCH))
     truth, probs = [], [[] for _ in servables]
     for batch in records:

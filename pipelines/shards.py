@@ -1,4 +1,4 @@
-"""Writes examples into GZIP TFRecord shards whose count follows the data size.
+"""Writes examples into TFRecord shards (uncompressed, or GZIP) whose count follows the data size.
 
 The shard count of a split is planned before any image is fetched (see `plan_shard_counts`):
 `ceil(rows in the split x bytes per row / target)`, at least 1, where bytes per row is the mean
@@ -13,6 +13,10 @@ shuffle, so memory does not grow with the number of images on any runner.
 Files are written with Beam's FileSystems (local, gs:// and GCS emulators alike; tf.io cannot
 reach an emulator), framing TFRecords here: length (uint64 LE), masked CRC32C of the length,
 data, masked CRC32C of the data.
+
+Shards are uncompressed by default, like tensorflow-datasets': the images in them are JPEG or PNG,
+already compressed, so GZIP saved 1 % on real chips (up to ~25 % on flat synthetic posters) and
+cost every training read ~0.1 CPU-ms per example to inflate (benchmarks/README.md).
 """
 from __future__ import annotations
 
@@ -47,6 +51,9 @@ MAX_FAN_IN = 128
 # Runs live in <output>/runs.tmp-<uuid>/, matched by dataset_info's temporaries pattern "*.tmp-*".
 RUNS_DIR_PREFIX = "runs.tmp-"
 _RUN_HEADER = struct.Struct("<IQ")  # id length, record length
+SHARD_COMPRESSIONS = ("none", "gzip")
+SHARD_SUFFIXES = {"none": ".tfrecord", "gzip": ".tfrecord.gz"}
+_BEAM_COMPRESSION = {"none": CompressionTypes.UNCOMPRESSED, "gzip": CompressionTypes.GZIP}
 
 
 class Encoded(NamedTuple):
@@ -93,8 +100,8 @@ def shard_of(id_: str, num_shards: int) -> int:
     return min(num_shards - 1, int(unit_hash(id_, _SHARD_SALT) * num_shards))
 
 
-def shard_name(split: str, index: int, num_shards: int) -> str:
-    return f"{split}-{index:05d}-of-{num_shards:05d}.tfrecord.gz"
+def shard_name(split: str, index: int, num_shards: int, compression: str = "none") -> str:
+    return f"{split}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIXES[compression]}"
 
 
 def sample_key(id_: str) -> float:
@@ -115,10 +122,10 @@ def shard_key(e: Encoded, num_shards: Mapping[str, int]) -> tuple[ShardKey, tupl
     return (e.split, shard_of(e.id, n), n), (e.id, e.record, e.label_ids)
 
 
-def write_tfrecord_gz(path: str, records: Iterable[bytes]) -> int:
+def write_tfrecord(path: str, records: Iterable[bytes], compression: str = "none") -> int:
     """Writes `records` to `path` through a temporary file renamed into place; returns the file size."""
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(tmp, compression_type=CompressionTypes.GZIP) as out:
+    with FileSystems.create(tmp, compression_type=_BEAM_COMPRESSION[compression]) as out:
         for record in records:
             out.write(tfrecord_frame(record))
     if FileSystems.exists(path):  # a retried bundle wrote it before; the content is the same
@@ -233,9 +240,10 @@ class _MergeShard(beam.DoFn):
     stats. The runs are deleted once the shard is in place; a retry that finds the shard in place
     (renamed only when complete, before its runs went) reports it as is."""
 
-    def __init__(self, output_dir: str, run_dir: str) -> None:
+    def __init__(self, output_dir: str, run_dir: str, compression: str) -> None:
         self._output_dir = output_dir.rstrip("/")
         self._run_dir = run_dir.rstrip("/")
+        self._compression = compression
 
     def process(self, item: tuple[ShardKey, Iterable[Run | None]], plan: ShardPlan) -> Iterator[dict[str, Any]]:
         (split, index, num_shards), values = item
@@ -245,13 +253,13 @@ class _MergeShard(beam.DoFn):
             for label, n in run.label_counts.items():
                 label_counts[label] += n
         examples = sum(run.examples for run in runs)
-        name = shard_name(split, index, num_shards)
+        name = shard_name(split, index, num_shards, self._compression)
         path = f"{self._output_dir}/{name}"
         if FileSystems.exists(path):
             size = _size(path)
         else:
             paths = [run.path for run in runs]
-            size = write_tfrecord_gz(path, (record for _, record in merge_runs(paths, self._run_dir)))
+            size = write_tfrecord(path, (record for _, record in merge_runs(paths, self._run_dir)), self._compression)
             _delete(paths)
         count(f"examples_written_{split}", examples)
         count("bytes_written", size)
@@ -277,10 +285,14 @@ class WriteShards(beam.PTransform):
     missing from it get no shard.
     """
 
-    def __init__(self, output_dir: str, plan: beam.PCollection, buffer_bytes: int = RUN_BUFFER_BYTES) -> None:
+    def __init__(self, output_dir: str, plan: beam.PCollection, compression: str = "none",
+                 buffer_bytes: int = RUN_BUFFER_BYTES) -> None:
         super().__init__()
+        if compression not in SHARD_COMPRESSIONS:
+            raise ValueError(f"shard compression {compression!r} is not one of {SHARD_COMPRESSIONS}")
         self._output_dir = output_dir
         self._plan = plan
+        self._compression = compression
         self._buffer_bytes = buffer_bytes
         self._run_dir = f"{output_dir.rstrip('/')}/{RUNS_DIR_PREFIX}{uuid.uuid4().hex}"
 
@@ -291,5 +303,5 @@ class WriteShards(beam.PTransform):
         return ((runs, placeholders)
                 | "WithEmptyShards" >> beam.Flatten()
                 | "GroupByShard" >> beam.GroupByKey()
-                | "MergeShard" >> beam.ParDo(_MergeShard(self._output_dir, self._run_dir),
+                | "MergeShard" >> beam.ParDo(_MergeShard(self._output_dir, self._run_dir, self._compression),
                                              beam.pvalue.AsSingleton(self._plan)))

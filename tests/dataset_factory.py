@@ -117,6 +117,7 @@ def write_dataset(
         "image_format": image_format,
         "jpeg_quality": 95,
         "jpeg_subsampling": "4:2:0",  # Pillow's default, what _encode writes
+        "shard_compression": "gzip",  # the pipeline's option; its default "none" is tested in test_preprocess
         "resize_policy": "squash",
         "splits": splits,
         "input_rows": total,

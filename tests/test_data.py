@@ -74,14 +74,21 @@ def test_png_datasets_decode(tmp_path) -> None:
     assert info.stored_jpeg is None  # nothing for serving to re-encode
 
 
-def test_stored_jpeg_settings_default_to_4_4_4_for_older_datasets(tmp_path) -> None:
+def test_older_datasets_read_as_what_they_hold(tmp_path) -> None:
     root = write_dataset(str(tmp_path / "ds"), {"train": 2}, 16, LABELS, seed=1)
-    assert data.read_dataset_info(root).stored_jpeg == (95, "4:2:0")
     path = os.path.join(root, "dataset.json")
     meta = json.load(open(path))
-    del meta["jpeg_subsampling"]  # written before the pipeline recorded it (and stored 4:4:4)
+    assert data.read_dataset_info(root).stored_jpeg == (95, "4:2:0")
+    # Written before the pipeline recorded these: 4:4:4 JPEGs in GZIP shards.
+    del meta["jpeg_subsampling"], meta["shard_compression"]
     json.dump(meta, open(path, "w"))
-    assert data.read_dataset_info(root).stored_jpeg == (95, "4:4:4")
+    info = data.read_dataset_info(root)
+    assert info.stored_jpeg == (95, "4:4:4") and info.compression_type == "GZIP"
+    assert len(list(data.image_dataset(info, "train", 2).unbatch())) == 2
+    meta["shard_compression"] = "zstd"
+    json.dump(meta, open(path, "w"))
+    with pytest.raises(data.DatasetError, match="shard_compression 'zstd' is not one of"):
+        data.read_dataset_info(root)
 
 
 def test_missing_dataset_json_says_to_run_the_pipeline(tmp_path) -> None:

@@ -62,7 +62,8 @@ def read_examples(folder: str, info: dict) -> dict[str, dict]:
     examples: dict[str, dict] = {}
     for split, summary in info["splits"].items():
         for name in summary["files"]:
-            for record in tf.data.TFRecordDataset(os.path.join(folder, name), compression_type="GZIP"):
+            compression = {"none": "", "gzip": "GZIP"}[info["shard_compression"]]
+            for record in tf.data.TFRecordDataset(os.path.join(folder, name), compression_type=compression):
                 parsed = tf.io.parse_single_example(record, spec)
                 id_ = parsed["id"].numpy().decode()
                 assert id_ not in examples, f"{id_} written twice"
@@ -204,7 +205,7 @@ def test_shard_count_follows_estimated_size_and_every_example_is_in_one_shard(fa
         rows = sum(split_of(id_, 0.2, 0.2) == split for id_ in kept)
         expected = max(1, math.ceil(rows * per_row / target)) if rows else 0
         assert summary["shards"] == expected
-        assert summary["files"] == [f"{split}-{i:05d}-of-{expected:05d}.tfrecord.gz" for i in range(expected)]
+        assert summary["files"] == [f"{split}-{i:05d}-of-{expected:05d}.tfrecord" for i in range(expected)]
         assert summary["bytes"] == sum(os.path.getsize(os.path.join(output, f)) for f in summary["files"])
         counts = {label: sum(label in label_names(e, info) for e in mine) for label in info["labels"]}
         assert summary["label_counts"] == counts
@@ -329,9 +330,9 @@ def test_gcs_input_and_output_on_the_emulator(gcs_bucket, emulator_credentials, 
     output = f"gs://{gcs_bucket}/out"
     bucket.blob("out/runs.tmp-killed/train-00000-x.run").upload_from_string(b"an orphan of a killed run")
     info = run(["--input", f"gs://{gcs_bucket}/planet/train_v2.csv", "--output", output, "--vocab_file", str(vocab),
-                "--unlabeled", "keep", *FAST_FETCH])
+                "--unlabeled", "keep", "--shard_compression", "gzip", *FAST_FETCH])
 
-    assert info["options"]["format"] == "planet"
+    assert info["options"]["format"] == "planet" and info["shard_compression"] == "gzip"
     assert info["labels"] == ["water", "primary", "haze", "clear"]
     names = {b.name for b in bucket.list_blobs(prefix="out/")}
     assert "out/dataset.json" in names and "out/labels.txt" in names
@@ -407,10 +408,10 @@ def test_command_line_help_and_exit_code():
 def test_lost_rows_fail_the_commit_with_the_numbers():
     from pipelines import dataset_info
 
-    shard = {"split": "train", "index": 0, "num_shards": 1, "file": "train-00000-of-00001.tfrecord.gz",
+    shard = {"split": "train", "index": 0, "num_shards": 1, "file": "train-00000-of-00001.tfrecord",
              "examples": 7, "bytes": 100, "label_counts": [7]}
     options = {"image_size": 32, "image_format": "jpeg", "jpeg_quality": 95, "jpeg_subsampling": "4:2:0",
-               "resize_policy": "squash", "unlabeled": "reject"}
+               "resize_policy": "squash", "shard_compression": "none", "unlabeled": "reject"}
     info = dataset_info.build_info(labels=["a"], input_rows=9, rejected_by_reason={"fetch:http_404": 2},
                                    shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], options=options)
     assert info["splits"]["train"]["examples"] == 7 and info["splits"]["val"]["shards"] == 0

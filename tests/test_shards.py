@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import apache_beam as beam
+import pytest
 import tensorflow as tf
 from apache_beam.testing.util import assert_that, equal_to
 
@@ -15,14 +16,16 @@ from pipelines.splits import split_of
 from pipelines.vocabulary import StatsFn
 
 
-def test_gzip_tfrecords_written_via_beam_filesystems_read_back_with_tf(tmp_path):
+@pytest.mark.parametrize("compression, tf_type", [("none", ""), ("gzip", "GZIP")])
+def test_tfrecords_written_via_beam_filesystems_read_back_with_tf(tmp_path, compression, tf_type):
     records = [b"", b"x", bytes(range(256)) * 300]
-    path = str(tmp_path / "train-00000-of-00001.tfrecord.gz")
-    size = shards.write_tfrecord_gz(path, records)
-    assert size == (tmp_path / "train-00000-of-00001.tfrecord.gz").stat().st_size
-    assert [p.name for p in tmp_path.iterdir()] == ["train-00000-of-00001.tfrecord.gz"]  # no temporary left
-    read = [r.numpy() for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
+    name = shards.shard_name("train", 0, 1, compression)
+    size = shards.write_tfrecord(str(tmp_path / name), records, compression)
+    assert size == (tmp_path / name).stat().st_size
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # no temporary left
+    read = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / name), compression_type=tf_type)]
     assert read == records
+    assert (size < 300 * 256) == (compression == "gzip")  # the repeated bytes compress only under gzip
 
 
 def test_shard_count_follows_bytes_and_ids_spread_over_shards():
@@ -35,7 +38,8 @@ def test_shard_count_follows_bytes_and_ids_spread_over_shards():
     for i in range(8000):
         counts[shards.shard_of(f"id-{i}", 8)] += 1
     assert min(counts) > 850 and max(counts) < 1150
-    assert shards.shard_name("val", 2, 13) == "val-00002-of-00013.tfrecord.gz"
+    assert shards.shard_name("val", 2, 13) == "val-00002-of-00013.tfrecord"
+    assert shards.shard_name("val", 2, 13, "gzip") == "val-00002-of-00013.tfrecord.gz"
 
 
 def test_shard_plan_scales_the_sample_mean_per_row_by_each_split_rows():
@@ -98,10 +102,10 @@ def test_write_shards_merges_many_small_runs_into_sorted_shards(tmp_path):
                              + [("val", 0, 0), ("val", 1, 0)]))
     for i in range(3):
         path = os.path.join(output, shards.shard_name("train", i, 3))
-        read = [r.numpy() for r in tf.data.TFRecordDataset(path, compression_type="GZIP")]
+        read = [r.numpy() for r in tf.data.TFRecordDataset(path)]
         assert read == [records[id_] for id_ in sorted(records) if shards.shard_of(id_, 3) == i]
     for i in range(2):  # planned shards no example went to are written, empty
-        assert os.path.getsize(os.path.join(output, shards.shard_name("val", i, 2))) > 0
+        assert os.path.getsize(os.path.join(output, shards.shard_name("val", i, 2))) == 0  # exists, no record
     run_dirs = [n for n in os.listdir(output) if n.startswith(shards.RUNS_DIR_PREFIX)]
     assert len(run_dirs) == 1 and os.listdir(os.path.join(output, run_dirs[0])) == []  # merged runs deleted
     dataset_info.remove_temporaries(output)

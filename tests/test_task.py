@@ -46,7 +46,7 @@ def _subprocess_env() -> dict[str, str]:
 
 def _test_image_bytes(info: data.DatasetInfo, count: int) -> list[bytes]:
     spec = {"image": tf.io.FixedLenFeature([], tf.string)}
-    records = tf.data.TFRecordDataset(list(info.split("test").files), compression_type="GZIP").take(count)
+    records = tf.data.TFRecordDataset(list(info.split("test").files), info.compression_type).take(count)
     return [tf.io.parse_single_example(r, spec)["image"].numpy() for r in records]
 
 

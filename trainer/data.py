@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 IMAGE_FORMATS = ("jpeg", "png")
+SHARD_COMPRESSIONS = ("none", "gzip")
 AUGMENTATIONS = ("none", "flip", "dihedral")
 # Bounded so a large split's shuffle buffer of encoded examples stays well under a few GB;
 # shard-order shuffling adds mixing beyond it.
@@ -36,7 +37,7 @@ class DatasetError(ValueError):
 class SplitInfo:
     name: str
     examples: int
-    files: tuple[str, ...]  # full paths of the split's GZIP TFRecord shards
+    files: tuple[str, ...]  # full paths of the split's TFRecord shards
     label_counts: np.ndarray  # int64 [K], positives per label in labels.txt order
 
 
@@ -54,6 +55,11 @@ class DatasetInfo:
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @property
+    def compression_type(self) -> str:
+        """tf.data's compression_type for the shards: "" or "GZIP" (datasets that do not say are GZIP)."""
+        return {"none": "", "gzip": "GZIP"}[self.meta.get("shard_compression", "gzip")]
 
     @property
     def stored_jpeg(self) -> tuple[int, str] | None:
@@ -111,6 +117,9 @@ def read_dataset_info(data_dir: str) -> DatasetInfo:
         raise DatasetError(f"{json_path}: num_labels={num_labels} but {len(labels)} labels are listed")
     if image_format not in IMAGE_FORMATS:
         raise DatasetError(f"{json_path}: image_format {image_format!r} is not one of {IMAGE_FORMATS}")
+    if meta.get("shard_compression", "gzip") not in SHARD_COMPRESSIONS:
+        raise DatasetError(f"{json_path}: shard_compression {meta['shard_compression']!r} is not one of "
+                           f"{SHARD_COMPRESSIONS}")
 
     labels_path = join_path(data_dir, "labels.txt")
     if not tf.io.gfile.exists(labels_path):
@@ -144,12 +153,12 @@ def shuffle_buffer(examples: int) -> int:
     return max(1, min(examples, MAX_SHUFFLE_BUFFER))
 
 
-def _records(split: SplitInfo, training: bool, seed: int | None) -> tf.data.Dataset:
+def _records(split: SplitInfo, compression_type: str, training: bool, seed: int | None) -> tf.data.Dataset:
     """Serialized examples of `split`: a deterministic order unless training without a seed."""
     files = tf.data.Dataset.list_files(list(split.files), shuffle=training, seed=seed)
     deterministic = seed is not None or not training
     return files.interleave(
-        lambda path: tf.data.TFRecordDataset(path, compression_type="GZIP"),
+        lambda path: tf.data.TFRecordDataset(path, compression_type=compression_type),
         cycle_length=max(1, min(len(split.files), MAX_CYCLE_LENGTH)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
@@ -212,7 +221,7 @@ def image_dataset(
     if not split_info.files:
         raise DatasetError(f"the {split} split of {info.data_dir} has no shards")
     deterministic = seed is not None or not training
-    dataset = _records(split_info, training, seed)
+    dataset = _records(split_info, info.compression_type, training, seed)
     if training:
         dataset = dataset.shuffle(shuffle_buffer(split_info.examples), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(_parser(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
