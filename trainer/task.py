@@ -67,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fine_tune_layers", type=int, default=0,
                    help="unfreeze the top N trainable backbone variables (forward order) and train them with "
                         "--fine_tune_learning_rate; 0 (default) keeps the backbone frozen")
-    p.add_argument("--fine_tune_learning_rate", type=float, default=1e-5,
-                   help="Adam learning rate of the unfrozen backbone variables, well below --learning_rate (default: %(default)s)")
+    # 1e-4, not the usual 1e-5: only the top variables train, batch-norm statistics stay frozen, and
+    # the head is warm-started. On the benchmark's posters 1e-5 reached val loss 0.218 in 4 epochs,
+    # 1e-4 0.180 in 6 (held-out macro-F1 0.864; benchmarks/README.md).
+    p.add_argument("--fine_tune_learning_rate", type=float, default=1e-4,
+                   help="Adam learning rate of the unfrozen backbone variables (default: %(default)s)")
     p.add_argument("--warm_start_epochs", type=int, default=300,
                    help="with --fine_tune_layers: first train the head on cached frozen features for at most this many "
                         "epochs (early stopping ends it), then fine-tune; 0 fine-tunes from a random head (default: %(default)s)")

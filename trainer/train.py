@@ -56,7 +56,7 @@ class TrainConfig:
     pos_weight: np.ndarray | None = None
     seed: int | None = None
     fine_tune_layers: int = 0
-    fine_tune_learning_rate: float = 1e-5
+    fine_tune_learning_rate: float = 1e-4
     augment: str = "none"
     early_stopping_patience: int | None = None  # None: DEFAULT_PATIENCE of the training path
     # Fine-tuning first trains the head on cached features for at most this many epochs (early
