@@ -228,7 +228,7 @@ def image_dataset(
     if training and augment != "none":
         dataset = dataset.map(_augmenter(augment, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     # Images stay uint8: the model converts them to float (model.NonEmptyBatch), on the accelerator
-    # when there is one, so the host builds and ships batches 4x smaller (docs/dataset.md).
+    # when there is one, so the host builds and ships batches 4x smaller (benchmarks/README.md, 4.).
     return _batched(dataset, split_info.examples, global_batch_size, training)
 
 
