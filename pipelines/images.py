@@ -49,7 +49,7 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 DRAFT_MARGIN = 2
 _STRETCH_PERCENTILES = (2.0, 98.0)
 # Chroma subsampling of stored JPEGs. 4:2:0 by default: web photos, posters and Planet/BigEarthNet
-# JPEG chips are 4:2:0 already, so below twice the stored size the source has no finer colour to
+# JPEG chips are 4:2:0 already, so a source no larger than the stored size has no finer colour to
 # keep; 4:2:0 takes ~20 % fewer bytes and ~25 % less CPU to decode in every training read
 # (benchmarks/README.md). The serving signature re-encodes the same way (trainer/serving.py), and
 # TF's and Pillow's libjpeg-turbo give identical pixels for either choice.
