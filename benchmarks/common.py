@@ -369,6 +369,7 @@ class Context:
     quick: bool
     sizes: Sizes
     preprocess_runs: dict[str, dict] = dataclasses.field(default_factory=dict)
+    backbone_built: bool = False
 
     @classmethod
     def create(cls, work: str | None, quick: bool) -> "Context":
@@ -446,8 +447,10 @@ class Context:
         on the same data extract the backbone features once (the trainer keys its cache by data,
         backbone and image size, so sharing cannot mix up features)."""
         # The embedded backbone is built once per machine (~6 s); that install step must not land
-        # in whichever measured run happens to come first. A no-op when already built.
-        run_child([PYTHON, "-m", "trainer.embedded_backbone", "build"], self.path("logs", "embedded_backbone.log"))
+        # in whichever measured run happens to come first.
+        if not self.backbone_built:
+            run_child([PYTHON, "-m", "trainer.embedded_backbone", "build"], self.path("logs", "embedded_backbone.log"))
+            self.backbone_built = True
         model_dir = self.path("models", name)
         shutil.rmtree(model_dir, ignore_errors=True)
         model_dir.mkdir(parents=True)
