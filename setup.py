@@ -21,8 +21,6 @@ REQUIRED = [
     "pyarrow>=18,<26",
     "pillow>=12.1.1,<13",
     "numpy>=1.26,<2.5",
-    # The sample-data builder reads the real BigEarthNet patches shipped as LMDB.
-    "lmdb>=1.4",
     # 16-bit and 4-band TIFF chips (Planet) that Pillow cannot open.
     "tifffile>=2023.1",
     # The downloader streams bodies with a byte bound (urllib3 2.3+ read semantics).
@@ -32,6 +30,9 @@ REQUIRED = [
 ]
 
 EXTRAS = {
+    # The demo's sample-data builder (sample_data/, not installed: Dataflow workers never need it)
+    # reads the real BigEarthNet patches shipped as LMDB.
+    "demo": ["lmdb>=1.4"],
     "test": [
         "pytest>=8",
         # The downloader's TLS test makes a self-signed certificate.
@@ -49,7 +50,7 @@ setuptools.setup(
     version="0.1.0",
     description="Multi-label image classification at scale: Beam preprocessing, TF training, servable models.",
     python_requires=">=3.11,<3.12",
-    packages=setuptools.find_packages(include=["pipelines", "pipelines.*", "trainer", "trainer.*"]),
+    packages=setuptools.find_packages(include=["tagbeam", "tagbeam.*", "pipelines", "pipelines.*", "trainer", "trainer.*"]),
     package_data={"trainer": ["imagenet_classes.txt"]},
     install_requires=REQUIRED,
     extras_require=EXTRAS,

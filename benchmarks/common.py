@@ -38,7 +38,7 @@ PHOTO_SIZE = (500, 375)  # a typical VOC2012 photo
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    sample_posters: int  # train-side posters built by pipelines.sample_data
+    sample_posters: int  # train-side posters built by `python -m sample_data`
     sample_heldout: int  # held-out posters (Fashion-MNIST test split)
     throughput_images: int  # posters and chips timed in the throughput benchmark
     throughput_small: int  # the small run that measures a pipeline run's fixed cost
@@ -390,7 +390,7 @@ class Context:
             for stale in (self.path("datasets"), self.path("chips"), self.path("photos"), self.path("models"),
                           self.path("feature_cache")):
                 shutil.rmtree(stale, ignore_errors=True)
-            run_child([PYTHON, "-m", "pipelines.sample_data", "--output", str(out), "--posters",
+            run_child([PYTHON, "-m", "sample_data", "--output", str(out), "--posters",
                        str(self.sizes.sample_posters), "--heldout_posters", str(self.sizes.sample_heldout)],
                       self.path("logs", "sample_data.log"))
         return out

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tagbeam import dataset
 from benchmarks.common import IMAGE_SIZE, Context, Stopwatch, format_table, module_main, read_manifest, summary_row
 
 NAME = "input_pipeline"
@@ -57,8 +58,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
 
     result = {}
     for entry in spec["sets"]:
-        info = data.read_dataset_info(entry["dataset"])
-        ids = [r.numpy().decode() for r in tf.data.TFRecordDataset(list(info.split("train").files), info.compression_type).map(
+        info = dataset.read(entry["dataset"])
+        ids = [r.numpy().decode() for r in tf.data.TFRecordDataset(list(info.shard_paths("train")), info.compression_type).map(
             lambda s: tf.io.parse_single_example(s, {"id": tf.io.FixedLenFeature([], tf.string)})["id"])]
         by_id = {row.id: row for row in read_manifest(Path(entry["manifest"]))}
         index = {label: i for i, label in enumerate(info.labels)}

@@ -45,11 +45,12 @@ def _same_work(rows: Sequence[Any], out_dir: Path) -> None:
 
     from pipelines import images, splits
     from pipelines.examples import to_example
+    from tagbeam.dataset import SPLITS
 
     options = images.ImageOptions(size=IMAGE_SIZE)
     vocab = {label: i for i, label in enumerate(sorted({label for row in rows for label in row.labels}))}
     out_dir.mkdir(parents=True, exist_ok=True)
-    writers = {s: tf.io.TFRecordWriter(str(out_dir / f"{s}.tfrecord")) for s in splits.SPLITS}  # uncompressed
+    writers = {s: tf.io.TFRecordWriter(str(out_dir / f"{s}.tfrecord")) for s in SPLITS}  # uncompressed
     try:
         for row in rows:
             with open(row.path, "rb") as f:
@@ -90,7 +91,7 @@ def _fetch_costs(rows: Sequence[Any], batch: int = 10) -> dict[str, dict[str, fl
     out = {}
     with Stopwatch() as out["fetch_many_per_batch"]:
         for i in range(0, len(names), batch):
-            fetch.fetch_many(names[i:i + batch], options, max_workers=16, base=base)
+            fetch.fetch_many(names[i:i + batch], options, base=base)
     with Stopwatch() as out["fetch_inline"]:
         for name in names:
             fetch.fetch(name, options, base)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tagbeam import dataset
 from benchmarks.common import Context, Stopwatch, format_table, module_main, read_json, read_manifest, summary_row
 
 NAME = "quality"
@@ -83,7 +84,7 @@ def _logistic_regression(data_dir: str, images: list[bytes]) -> dict[str, Any]:
     from trainer.serving import preprocess_image_bytes
     from trainer.thresholds import tune_thresholds
 
-    info = data.read_dataset_info(data_dir)
+    info = dataset.read(data_dir)
     backbone = tf.saved_model.load(embedded_backbone.default_handle())
     # The backbone SavedModel takes [0, 1] floats; trainer.data and serving hand over uint8 pixels.
     features = tf.function(lambda x: backbone(tf.image.convert_image_dtype(x, tf.float32), training=False))
@@ -106,13 +107,13 @@ def _logistic_regression(data_dir: str, images: list[bytes]) -> dict[str, Any]:
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
     from trainer.evaluation import evaluate
-    from trainer.thresholds import thresholds_from_json
+    from tagbeam.export import parse_thresholds_json
 
     labels = spec["labels"]
     images, truth = _heldout(Path(spec["heldout"]), labels)
     scored = {}
     for name, model_dir in spec["models"].items():
-        model_labels, thresholds = thresholds_from_json((Path(model_dir) / "thresholds.json").read_text())
+        model_labels, thresholds = parse_thresholds_json((Path(model_dir) / "thresholds.json").read_text())
         if model_labels != labels:
             raise RuntimeError(f"{model_dir}: labels {model_labels} differ from the dataset's {labels}")
         export = read_json(Path(model_dir) / "run.json")["export_path"]

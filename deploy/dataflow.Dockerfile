@@ -13,6 +13,7 @@ WORKDIR /opt/tagbeam/src
 COPY setup.py README.md ./
 COPY pipelines ./pipelines
 COPY trainer ./trainer
+COPY tagbeam ./tagbeam
 RUN pip install . \
- && python -c "import apache_beam, pipelines, trainer; assert apache_beam.__version__.startswith('2.77.'), apache_beam.__version__"
+ && python -c "import apache_beam, pipelines, tagbeam, trainer; assert apache_beam.__version__.startswith('2.77.'), apache_beam.__version__"
 # The base image's ENTRYPOINT (/opt/apache/beam/boot, the SDK worker harness) is kept on purpose.

@@ -20,6 +20,7 @@ WORKDIR /opt/tagbeam/src
 COPY setup.py README.md ./
 COPY pipelines ./pipelines
 COPY trainer ./trainer
+COPY tagbeam ./tagbeam
 RUN pip install . \
  && python -c "import tensorflow as tf; assert tf.__version__.startswith('2.21.'), 'pip replaced the base TensorFlow: ' + tf.__version__"
 

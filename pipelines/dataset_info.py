@@ -1,6 +1,6 @@
-"""The dataset directory's metadata: dataset.json (the commit marker), labels.txt, the dead letter.
+"""The pipeline's side of the dataset directory (tagbeam.dataset): preparing --output, and the
+commit - labels.txt, then dataset.json, last.
 
-All paths go through Beam's FileSystems, so local folders, gs:// and GCS emulators behave alike.
 dataset.json is built from what the pipeline itself wrote (shard stats, the dead-letter files, the
 count of input rows), not from metrics, which some runners report late or not at all.
 """
@@ -8,64 +8,39 @@ from __future__ import annotations
 
 import datetime
 import glob
-import json
 import os
 import shutil
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.manifests import UsageError
 from pipelines.shards import ShardPlan
-from pipelines.splits import SPLITS
+from tagbeam import storage
+from tagbeam.dataset import (
+    DATASET_JSON,
+    LABELS_TXT,
+    REJECTED_PREFIX,
+    REJECTED_SUFFIX,
+    SHARD_SUFFIXES,
+    SPLITS,
+    TRANSFORM_OUTPUT,
+    DatasetInfo,
+    Rejection,
+    SplitInfo,
+    labels_text,
+)
+from tagbeam.flags import UsageError
 
-FORMAT_VERSION = 1
-DATASET_JSON = "dataset.json"
-LABELS_TXT = "labels.txt"
-TRANSFORM_OUTPUT = "transform_output"
-REJECTED_PREFIX = "rejected"
-_SHARD_PATTERNS = ("*.tfrecord", "*.tfrecord.gz")
-_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, *_SHARD_PATTERNS, f"{REJECTED_PREFIX}-*.jsonl")
+_SHARD_PATTERNS = tuple(f"*{suffix}" for suffix in SHARD_SUFFIXES.values())
+_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, *_SHARD_PATTERNS, f"{REJECTED_PREFIX}-*{REJECTED_SUFFIX}")
 # Temporary files (`<name>.tmp-<uuid>`) and folders (the shard writer's `runs.tmp-<uuid>/`).
-_TEMPORARIES = "*.tmp-*"
+_TEMPORARIES = f"*{storage.TEMP_MARK}*"
 
 
 class InvariantError(RuntimeError):
     """The pipeline lost or duplicated rows: a bug, never the user's fault."""
-
-
-def join(folder: str, name: str) -> str:
-    return f"{folder.rstrip('/')}/{name}"
-
-
-def _matches(pattern: str) -> list[str]:
-    try:
-        return [m.path for m in FileSystems.match([pattern])[0].metadata_list]
-    except Exception:  # noqa: BLE001 - BeamIOError when the folder itself does not exist
-        return []
-
-
-def write_bytes(path: str, data: bytes) -> str:
-    """Writes a small file whole: to a temporary name, then renamed into place."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with FileSystems.create(tmp) as out:
-        out.write(data)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-    return path
-
-
-def write_json(path: str, obj: Any) -> str:
-    return write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode("utf-8"))
-
-
-def read_json(path: str) -> Any:
-    with FileSystems.open(path) as handle:
-        return json.loads(handle.read().decode("utf-8"))
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
@@ -75,17 +50,16 @@ def prepare_output(output: str, overwrite: bool) -> None:
     Left-overs of a failed run (transform output, a dead letter, temporary files) are replaced
     silently; shards or a dataset.json are only replaced with --overwrite.
     """
-    if not overwrite and any(_matches(join(output, pattern)) for pattern in (DATASET_JSON, *_SHARD_PATTERNS)):
+    if not overwrite and any(storage.match(storage.join(output, p)) for p in (DATASET_JSON, *_SHARD_PATTERNS)):
         raise UsageError(f"--output {output} already holds a dataset (dataset.json or shards); pass --overwrite "
                          "to replace it, or choose another --output")
     for pattern in _OUTPUT_PATTERNS:
-        found = _matches(join(output, pattern))
+        found = storage.match(storage.join(output, pattern))
         if found:
             FileSystems.delete(found)
     remove_temporaries(output)
-    remove_tree(join(output, TRANSFORM_OUTPUT))
-    if "://" not in output:
-        os.makedirs(output, exist_ok=True)
+    storage.remove_tree(storage.join(output, TRANSFORM_OUTPUT))
+    storage.makedirs(output)
 
 
 def copy_tree(local_dir: str, destination: str) -> None:
@@ -96,84 +70,72 @@ def copy_tree(local_dir: str, destination: str) -> None:
             relative = os.path.relpath(source, local_dir).replace(os.sep, "/")
             with open(source, "rb") as f:
                 data = f.read()
-            with FileSystems.create(join(destination, relative)) as out:
+            with FileSystems.create(storage.join(destination, relative)) as out:
                 out.write(data)
-
-
-def remove_tree(folder: str) -> None:
-    """Deletes a folder and everything in it, if it exists (local or any Beam file system)."""
-    if "://" not in folder:
-        shutil.rmtree(folder, ignore_errors=True)
-    elif _matches(join(folder, "**")):
-        FileSystems.delete([folder.rstrip("/") + "/"])
 
 
 def remove_temporaries(output: str) -> None:
     """Temporary files and folders of this run, or of retried or killed writers (`*.tmp-<uuid>`),
     such as run files of failed bundles that no shard merged."""
-    found = _matches(join(output, _TEMPORARIES)) + _matches(join(output, f"{_TEMPORARIES}/**"))
+    found = storage.match(storage.join(output, _TEMPORARIES)) + storage.match(storage.join(output, f"{_TEMPORARIES}/**"))
     if found:
         FileSystems.delete(found)
-    if "://" not in output:  # local folders outlive their files
+    if not storage.is_remote(output):  # local folders outlive their files
         for folder in glob.glob(os.path.join(output, _TEMPORARIES)):
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence[str]) -> dict[str, Any]:
+def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence[str]) -> SplitInfo:
     mine = sorted((s for s in shards if s["split"] == split), key=lambda s: s["index"])
     counts = [0] * len(labels)
     for shard in mine:
         counts = [a + b for a, b in zip(counts, shard["label_counts"])]
-    return {"examples": sum(s["examples"] for s in mine), "shards": len(mine), "files": [s["file"] for s in mine],
-            "bytes": sum(s["bytes"] for s in mine), "label_counts": dict(zip(labels, counts))}
+    return SplitInfo(examples=sum(s["examples"] for s in mine), shards=len(mine), files=tuple(s["file"] for s in mine),
+                     bytes=sum(s["bytes"] for s in mine), label_counts=dict(zip(labels, counts)))
 
 
 def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: dict[str, int],
                shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], options: dict[str, Any],
-               created: str | None = None) -> dict[str, Any]:
+               created: str | None = None) -> DatasetInfo:
     """The dataset.json record of docs/dataset.md. Raises InvariantError if rows were lost."""
     splits = {split: split_summary(split, shards, labels) for split in SPLITS}
     for split, summary in splits.items():
         expected = {s["num_shards"] for s in shards if s["split"] == split}
-        if expected and expected != {summary["shards"]}:
-            raise InvariantError(f"split {split}: wrote {summary['shards']} shard files of {sorted(expected)}")
-    examples = sum(s["examples"] for s in splits.values())
+        if expected and expected != {summary.shards}:
+            raise InvariantError(f"split {split}: wrote {summary.shards} shard files of {sorted(expected)}")
+    examples = sum(s.examples for s in splits.values())
     rejected = sum(rejected_by_reason.values())
     if input_rows != examples + rejected:
         raise InvariantError(f"row accounting failed: input_rows {input_rows} != examples {examples} "
                              f"+ rejected {rejected} (by split: "
-                             f"{ {k: v['examples'] for k, v in splits.items()} }); this is a bug, please report it")
-    return {
-        "format_version": FORMAT_VERSION,
-        "labels": list(labels),
-        "num_labels": len(labels),
-        "image_size": options["image_size"],
-        "image_format": options["image_format"],
-        "jpeg_quality": options["jpeg_quality"],
-        "jpeg_subsampling": options["jpeg_subsampling"],
-        "resize_policy": options["resize_policy"],
-        "shard_compression": options["shard_compression"],
-        "splits": splits,
-        "input_rows": input_rows,
-        "rejected": rejected,
-        "rejected_by_reason": dict(sorted(rejected_by_reason.items())),
-        "rejected_files": sorted(os.path.basename(f) for f in rejected_files),
-        "unlabeled_policy": options["unlabeled"],
-        "options": options,
-        "created": created or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+                             f"{ {k: v.examples for k, v in splits.items()} }); this is a bug, please report it")
+    return DatasetInfo(
+        labels=tuple(labels),
+        image_size=options["image_size"],
+        image_format=options["image_format"],
+        jpeg_quality=options["jpeg_quality"],
+        jpeg_subsampling=options["jpeg_subsampling"],
+        resize_policy=options["resize_policy"],
+        shard_compression=options["shard_compression"],
+        splits=splits,
+        input_rows=input_rows,
+        rejected=rejected,
+        rejected_by_reason=dict(sorted(rejected_by_reason.items())),
+        rejected_files=tuple(sorted(os.path.basename(f) for f in rejected_files)),
+        unlabeled_policy=options["unlabeled"],
+        options=options,
+        created=created or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    )
 
 
 def count_rejected(rejected_files: Sequence[str]) -> dict[str, int]:
     """Rejected rows by "stage:reason", counted in the dead-letter files as written."""
     counts: dict[str, int] = {}
     for path in rejected_files:
-        with FileSystems.open(path) as handle:
-            for line in handle.read().decode("utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    key = f"{record['stage']}:{record['reason']}"
-                    counts[key] = counts.get(key, 0) + 1
+        for line in storage.read_text(path).splitlines():
+            if line.strip():
+                key = Rejection.from_json(line).key
+                counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -186,9 +148,9 @@ def commit(_: Any, *, output: str, plan: ShardPlan, stats: dict[str, Any], optio
     if not labels:
         return None
     info = build_info(labels=labels, input_rows=stats["input_rows"], rejected_by_reason=count_rejected(rejected_files),
-                      shards=shards, rejected_files=rejected_files, options=options)
-    write_bytes(join(output, LABELS_TXT), "".join(f"{label}\n" for label in labels).encode("utf-8"))
-    write_json(join(output, DATASET_JSON), info)
+                      shards=shards, rejected_files=rejected_files, options=options).to_json()
+    storage.write_text(storage.join(output, LABELS_TXT), labels_text(labels))
+    storage.write_json(storage.join(output, DATASET_JSON), info)
     return info
 
 

@@ -17,21 +17,24 @@ from typing import Any
 import apache_beam as beam
 
 from pipelines import fetch, images
-from pipelines.manifests import REJECTED_TAG, Row, count, reject_row
+from pipelines.manifests import Row
+from pipelines.outcomes import count, reject_row, rejected
 from pipelines.shards import Encoded, ShardPlan, plan_shard_counts, shard_key
 from pipelines.splits import split_of
+from tagbeam.dataset import Rejection
 
 _LOG = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExampleOptions:
+    """What the per-row work needs, for the workers (a subset of the job's option groups)."""
+
     fetch: fetch.FetchOptions
     image: images.ImageOptions
-    fetch_concurrency: int
     val_fraction: float
     test_fraction: float
-    keep_unlabeled: bool = False  # rows without a known label: kept all-zero, or rejected
+    keep_unlabeled: bool  # rows without a known label: kept all-zero, or rejected
 
 
 def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int) -> bytes:
@@ -50,7 +53,7 @@ def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int
     return example_pb2.Example(features=features).SerializeToString(deterministic=True)
 
 
-def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions, concurrency: int) -> list[bytes | fetch.FetchError]:
+def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions) -> list[bytes | fetch.FetchError]:
     """Fetches the rows' images concurrently, in row order, one result (bytes or error) per row."""
     # fetch confines local reads to a row's base folder, so rows are fetched per base.
     by_base: dict[str | None, list[int]] = defaultdict(list)
@@ -58,16 +61,16 @@ def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions, concurrency: in
         by_base[row.base].append(i)
     fetched: list[bytes | fetch.FetchError] = [b""] * len(rows)
     for base, indices in by_base.items():
-        results = fetch.fetch_many([rows[i].uri for i in indices], options, max_workers=concurrency, base=base)
+        results = fetch.fetch_many([rows[i].uri for i in indices], options, base=base)
         for i, result in zip(indices, results):
             fetched[i] = result
     return fetched
 
 
-Result = Encoded | dict  # an example, or a dead-letter record
+Result = Encoded | Rejection
 
 
-def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tuple[int, ...] | dict:
+def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tuple[int, ...] | Rejection:
     """Sorted ids of the row's known labels, or its dead-letter record. Labels outside the
     vocabulary are ignored (and counted); a row left without any known label is rejected
     (`labels`/`no_known_label`) or kept all-zero."""
@@ -80,7 +83,6 @@ def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tupl
     count("rows_without_known_label")
     if keep_unlabeled:
         return ids
-    count("rejected_labels_no_known_label")
     known = ", ".join(row.labels) if row.labels else "none"
     return reject_row(row, "labels", "no_known_label",
                       f"no label of this row is in the vocabulary (row labels: {known})")
@@ -89,14 +91,12 @@ def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tupl
 def _encode(row: Row, label_ids: tuple[int, ...], data: bytes | fetch.FetchError, opts: ExampleOptions,
             num_labels: int) -> Result:
     if isinstance(data, fetch.FetchError):
-        count(f"rejected_fetch_{data.reason}")
         return reject_row(row, "fetch", data.reason, data.detail)
     count("images_fetched")
     count("bytes_fetched", len(data))
     try:
         image = images.process(data, opts.image)
     except images.ImageError as err:
-        count(f"rejected_decode_{err.reason}")
         return reject_row(row, "decode", err.reason, err.detail)
     count("images_decoded")
     split = split_of(row.id, opts.val_fraction, opts.test_fraction)
@@ -111,11 +111,11 @@ def encode_rows(rows: Sequence[Row], labels: Sequence[str], opts: ExampleOptions
     wanted: list[tuple[int, tuple[int, ...]]] = []
     for i, row in enumerate(rows):
         ids = _label_ids(row, index, opts.keep_unlabeled)
-        if isinstance(ids, dict):
+        if isinstance(ids, Rejection):
             results[i] = ids
         else:
             wanted.append((i, ids))
-    fetched = fetch_rows([rows[i] for i, _ in wanted], opts.fetch, opts.fetch_concurrency)
+    fetched = fetch_rows([rows[i] for i, _ in wanted], opts.fetch)
     for (i, ids), data in zip(wanted, fetched):
         results[i] = _encode(rows[i], ids, data, opts, len(labels))
     return results
@@ -161,7 +161,7 @@ class EncodeRows(beam.DoFn):
                 self._progress()
                 yield shard_key(result, plan.num_shards)
             else:
-                yield beam.pvalue.TaggedOutput(REJECTED_TAG, result)
+                yield rejected(result)
 
     def _progress(self) -> None:
         self._seen += 1

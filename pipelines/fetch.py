@@ -43,6 +43,8 @@ from urllib3.exceptions import (
 )
 from urllib3.util import parse_url
 
+from tagbeam.flags import at_least, check_fields, option, positive
+
 USER_AGENT = "tagbeam/0.1"
 
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
@@ -68,26 +70,29 @@ _METADATA_ADDRESSES = frozenset({
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class FetchOptions:
-    timeout_s: float = 10.0  # connect and per-read time-out
-    max_bytes: int = 20 * 2**20  # bound on the body (streamed; reading stops beyond it)
-    max_redirects: int = 5
-    retries: int = 3  # on 5xx, 429, time-outs, resets, truncation; never on other 4xx
-    backoff_s: float = 0.5  # first back-off; doubles per retry with jitter, capped
-    allow_loopback: bool = False  # 127.0.0.0/8, ::1, localhost (tests set True)
-    allow_link_local: bool = False  # 169.254.0.0/16, fe80::/10 and cloud metadata names
-    allow_local_files: bool = False  # absolute local paths and file:// URIs from the manifest
+    """Fetching images (URLs nobody on your team wrote)."""
+
+    timeout_s: float = option(10.0, flag="fetch_timeout_s", check=positive, help="connect and per-read time-out")
     # Bound on one whole transfer, so a server trickling bytes cannot hold a thread for hours.
-    transfer_timeout_s: float = 120.0
+    transfer_timeout_s: float = option(120.0, flag="fetch_transfer_timeout_s", check=positive,
+                                       help="bound on one whole download, however the bytes trickle in")
+    max_bytes: int = option(20 * 2**20, flag="max_download_bytes", check=positive,
+                            help="bound on a body (streamed; reading stops beyond it)")
+    max_redirects: int = option(5, check=at_least(0), help="redirects followed, each hop re-checked")
+    retries: int = option(3, flag="fetch_retries", check=at_least(0),
+                          help="retries on 5xx, 429, time-outs, resets and truncation; never on other 4xx")
+    backoff_s: float = option(0.5, flag="fetch_backoff_s", check=at_least(0),
+                              help="first retry back-off, doubled per retry with jitter, capped")
+    concurrency: int = option(16, flag="fetch_concurrency", check=positive, help="parallel downloads per worker thread")
+    allow_loopback: bool = option(False, help="allow image URLs on 127.0.0.0/8 and ::1")
+    allow_link_local: bool = option(False, help="allow link-local addresses and cloud metadata endpoints (dangerous)")
+    allow_local_files: bool = option(False, help="allow absolute local paths and file:// URIs outside the manifest's "
+                                                 "folder")
 
     def __post_init__(self) -> None:
-        if self.timeout_s <= 0 or self.transfer_timeout_s <= 0:
-            raise ValueError("FetchOptions: timeout_s and transfer_timeout_s must be > 0")
-        if self.max_bytes <= 0:
-            raise ValueError(f"FetchOptions: max_bytes must be > 0, got {self.max_bytes}")
-        if self.max_redirects < 0 or self.retries < 0 or self.backoff_s < 0:
-            raise ValueError("FetchOptions: max_redirects, retries and backoff_s must be >= 0")
+        check_fields(self)
 
 
 class FetchError(Exception):
@@ -151,8 +156,7 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
             attempt += 1
 
 
-def fetch_many(uris: Sequence[str], options: FetchOptions, max_workers: int = 16,
-               base: str | None = None) -> list[bytes | FetchError]:
+def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = None) -> list[bytes | FetchError]:
     """Fetches network URIs concurrently on threads so that their latency overlaps; keeps input order.
     Each failure is returned in its row's place as a FetchError rather than raised."""
     def one(uri: str) -> bytes | FetchError:
@@ -170,7 +174,7 @@ def fetch_many(uris: Sequence[str], options: FetchOptions, max_workers: int = 16
         if i not in remote_set:
             results[i] = one(uri)
     if remote:
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(max_workers, len(remote))) as pool:
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(options.concurrency, len(remote))) as pool:
             for i, result in zip(remote, pool.map(one, [uris[i] for i in remote])):
                 results[i] = result
     return results

@@ -33,27 +33,20 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-RESIZE_POLICIES = ("squash", "crop", "pad")
-OUTPUT_FORMATS = ("jpeg", "png")
+from tagbeam.dataset import DRAFT_MARGIN, IMAGE_FORMATS, JPEG_SUBSAMPLINGS, RESIZE_POLICIES
+from tagbeam.flags import check_fields, in_range, option, positive
+
 
 # Pillow's JPEG opener also returns the multi-picture JPEGs ("MPO") that many phones write.
 _PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 _TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
 _TIFF_BITS_PER_SAMPLE = 258
 _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-# JPEG DCT scaling ("draft") decodes at 1/2, 1/4 or 1/8 size, but only as far as keeps at least
-# this many times the target per side, so the bilinear filter still does the last >= 2x reduction;
-# it therefore starts at sources >= 4x the target. Measured against TF on a 2000x1500 photo to 224:
-# margin 2 -> max/mean abs difference 1.2/0.28 grey levels (0.9/0.26 without draft), 2.8x faster;
+# JPEG DCT scaling ("draft", as far as tagbeam.dataset.DRAFT_MARGIN allows) starts at sources >= 4x
+# the target. Measured against TF on a 2000x1500 photo to 224: margin 2 -> max/mean abs difference
+# 1.2/0.28 grey levels (0.9/0.26 without draft), 2.8x faster;
 # margin 1 -> 3.8-5.5/0.4-0.5, which is why it is not used.
-DRAFT_MARGIN = 2
 _STRETCH_PERCENTILES = (2.0, 98.0)
-# Chroma subsampling of stored JPEGs. 4:2:0 by default: web photos, posters and Planet/BigEarthNet
-# JPEG chips are 4:2:0 already, so a source no larger than the stored size has no finer colour to
-# keep; 4:2:0 takes ~20 % fewer bytes and ~25 % less CPU to decode in every training read
-# (benchmarks/README.md). The serving signature re-encodes the same way (trainer/serving.py), and
-# TF's and Pillow's libjpeg-turbo give identical pixels for either choice.
-JPEG_SUBSAMPLINGS = ("4:2:0", "4:4:4")
 PNG_COMPRESS_LEVEL = 1  # 2.5x faster than the default 6 for ~7 % more bytes
 
 
@@ -69,33 +62,33 @@ class ImageError(Exception):
         return type(self), (self.reason, self.detail)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ImageOptions:
+    """Images: decoding, resizing and how they are stored."""
+
     # Above the 224 px that ImageNet backbones are trained at, on purpose: a multi-label image holds
     # several objects, each a fraction of the frame, and at 384 each comes nearer the scale the
     # backbone learned. Frozen MobileNetV2 features on the sample posters, logistic regression on
     # 2,000 held-out posters: macro-F1 0.78 / mAP 0.84 at 224, 0.80 / 0.87 at 320, 0.81 / 0.87 at
     # 384 (benchmarks/README.md). 224 costs 2.9x less backbone compute per image.
-    size: int = 384
-    policy: str = "squash"
-    output_format: str = "jpeg"
-    jpeg_quality: int = 95
-    jpeg_subsampling: str = "4:2:0"
-    max_pixels: int = 50_000_000  # decompression-bomb guard, checked from the header
+    size: int = option(384, flag="image_size", check=positive, help="side of the stored square images, in pixels")
+    policy: str = option("squash", flag="resize_policy", choices=RESIZE_POLICIES,
+                         help="squash (ignore the aspect ratio), crop (centre square) or pad (letterbox on black)")
+    output_format: str = option("jpeg", flag="image_format", choices=IMAGE_FORMATS,
+                                help="how the stored images are encoded (png: lossless)")
+    jpeg_quality: int = option(95, check=in_range(1, 100), help="quality of the stored JPEGs")
+    # 4:2:0 by default: web photos, posters and Planet/BigEarthNet JPEG chips are 4:2:0 already, so a
+    # source no larger than the stored size has no finer colour to keep; 4:2:0 takes ~20 % fewer
+    # bytes and ~25 % less CPU to decode in every training read (benchmarks/README.md). The serving
+    # signature re-encodes the same way (trainer/serving.py), and TF's and Pillow's libjpeg-turbo
+    # give identical pixels for either choice.
+    jpeg_subsampling: str = option("4:2:0", choices=JPEG_SUBSAMPLINGS,
+                                   help="chroma subsampling of the stored JPEGs (4:2:0, as most source JPEGs are)")
+    max_pixels: int = option(50_000_000, flag="max_image_pixels", check=positive,
+                             help="refuse images with more pixels, checked from the header (decompression bombs)")
 
     def __post_init__(self) -> None:
-        if self.size < 1:
-            raise ValueError(f"ImageOptions: size must be >= 1, got {self.size}")
-        if self.policy not in RESIZE_POLICIES:
-            raise ValueError(f"ImageOptions: policy {self.policy!r} is not one of {RESIZE_POLICIES}")
-        if self.output_format not in OUTPUT_FORMATS:
-            raise ValueError(f"ImageOptions: output_format {self.output_format!r} is not one of {OUTPUT_FORMATS}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"ImageOptions: jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.jpeg_subsampling not in JPEG_SUBSAMPLINGS:
-            raise ValueError(f"ImageOptions: jpeg_subsampling {self.jpeg_subsampling!r} is not one of {JPEG_SUBSAMPLINGS}")
-        if self.max_pixels < 1:
-            raise ValueError(f"ImageOptions: max_pixels must be >= 1, got {self.max_pixels}")
+        check_fields(self)
 
 
 def to_rgb(data: bytes, max_pixels: int) -> Image.Image:

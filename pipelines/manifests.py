@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import json
 import os
@@ -36,21 +35,18 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.fetch import FetchError, resolve_uri
+from pipelines.options import ManifestOptions
+from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, rejection
+from tagbeam.dataset import Rejection
+from tagbeam.flags import UsageError
 
-FORMATS = ("movie_genre", "planet", "voc", "generic")
 MOVIE_GENRE_COLUMNS = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
 PLANET_COLUMNS = ("image_name", "tags")
-REJECTED_TAG = "rejected"
-COUNTER_NAMESPACE = "tagbeam"
 
 _JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 # Compressed manifests are read through Beam's FileSystems, which decompresses by extension.
 _COMPRESSED_SUFFIXES = (".gz", ".bz2", ".zst", ".deflate")
-
-
-class UsageError(Exception):
-    """The user's input or flags are wrong; the message says which and what to do."""
 
 
 class Row(NamedTuple):
@@ -60,26 +56,6 @@ class Row(NamedTuple):
     uri: str  # resolved: absolute local path, gs://, or http(s)://
     base: str | None  # folder relative URIs were resolved against; fetch confines local reads to it
     labels: tuple[str, ...]  # stripped, non-empty, first occurrence kept
-
-
-def rejection(file: str, row: int, id_: str, uri: str, stage: str, reason: str, detail: str) -> dict[str, Any]:
-    """One dead-letter record (the `rejected-*.jsonl` schema of docs/dataset.md, plus `file`)."""
-    return {"row": row, "id": id_, "uri": uri, "stage": stage, "reason": reason, "detail": detail, "file": file}
-
-
-def reject_row(row: Row, stage: str, reason: str, detail: str) -> dict[str, Any]:
-    return rejection(row.file, row.row, row.id, row.uri, stage, reason, detail)
-
-
-@functools.lru_cache(maxsize=None)
-def _counter(name: str) -> Any:
-    # Beam counters resolve the current metrics container at inc() time, so one object per name
-    # can serve every bundle; creating one per increment was measurable per-image overhead.
-    return beam.metrics.Metrics.counter(COUNTER_NAMESPACE, name)
-
-
-def count(name: str, n: int = 1) -> None:
-    _counter(name).inc(n)
 
 
 def clean_labels(values: Iterable[Any]) -> tuple[str, ...]:
@@ -104,13 +80,13 @@ class ManifestSpec:
 
     format: str
     files: tuple[str, ...]  # manifest files (for VOC: the dataset root)
-    uri_column: str = "uri"
-    labels_column: str = "labels"
-    id_column: str | None = None
-    label_delimiter: str = "|"
-    image_root: str | None = None  # planet
-    image_ext: str = "jpg"  # planet
-    voc_image_set: str | None = None
+    uri_column: str
+    labels_column: str | None  # None: rows carry no labels (prediction)
+    id_column: str | None
+    label_delimiter: str
+    image_root: str | None  # planet
+    image_ext: str  # planet
+    voc_image_set: str | None
 
 
 # --- reading text safely --------------------------------------------------------------------
@@ -239,14 +215,16 @@ def _match(pattern: str) -> list[str]:
     return sorted(m.path for m in matched if not os.path.isdir(m.path))
 
 
-def resolve_spec(input_: str, format_: str = "auto", *, uri_column: str = "uri", labels_column: str | None = "labels",
-                 id_column: str | None = None, label_delimiter: str = "|", image_root: str | None = None,
-                 image_ext: str = "jpg", voc_image_set: str | None = None) -> ManifestSpec:
+def resolve_spec(options: ManifestOptions, with_labels: bool = True) -> ManifestSpec:
     """Finds the manifest files, decides the format and checks columns and emptiness, so that
     user mistakes fail here with one clear UsageError rather than inside a pipeline."""
+    input_, format_ = options.input, options.format
     root = input_.rstrip("/")
+    spec = ManifestSpec("voc", (root,), options.uri_column, options.labels_column if with_labels else None,
+                        options.id_column, options.label_delimiter, None, options.image_ext.lstrip("."),
+                        options.voc_image_set)
     if format_ in ("auto", "voc") and _exists_under(f"{root}/Annotations"):
-        return _voc_spec(root, voc_image_set)
+        return _voc_spec(spec)
     if format_ == "voc":
         raise UsageError(f"--input {input_}: no Annotations/ folder there; for --format voc give the VOC2012 "
                          "root (the folder holding Annotations/, JPEGImages/ and ImageSets/)")
@@ -257,8 +235,7 @@ def resolve_spec(input_: str, format_: str = "auto", *, uri_column: str = "uri",
     if not files:
         raise UsageError(f"--input {input_}: no such file (nothing matches); give a manifest path, glob or gs:// URI")
     format_ = detect_format(files[0]) if format_ == "auto" else format_
-    spec = ManifestSpec(format_, tuple(files), uri_column, labels_column, id_column, label_delimiter,
-                        None, image_ext.lstrip("."), None)
+    spec = dataclasses.replace(spec, format=format_, files=tuple(files), voc_image_set=None)
     header = read_header(files[0])
     if not header.columns:
         raise UsageError(f"--input {files[0]} is empty; a manifest needs a header line and data rows")
@@ -271,7 +248,7 @@ def resolve_spec(input_: str, format_: str = "auto", *, uri_column: str = "uri",
     if not header.has_rows and not any(read_header(f).has_rows for f in files[1:]):
         raise UsageError(f"--input {input_}: the manifest has no data rows (an empty file or a header only)")
     if format_ == "planet":
-        spec = dataclasses.replace(spec, image_root=_planet_root(files[0], image_root))
+        spec = dataclasses.replace(spec, image_root=_planet_root(files[0], options.image_root))
     return spec
 
 
@@ -289,8 +266,8 @@ def _planet_root(manifest: str, image_root: str | None) -> str:
     return root
 
 
-def _voc_spec(root: str, image_set: str | None) -> ManifestSpec:
-    spec = ManifestSpec("voc", (root,), voc_image_set=image_set)
+def _voc_spec(spec: ManifestSpec) -> ManifestSpec:
+    root, image_set = spec.files[0], spec.voc_image_set
     if image_set:
         listing = f"{root}/ImageSets/Main/{image_set}.txt"
         if not _match(listing):
@@ -303,7 +280,7 @@ def _voc_spec(root: str, image_set: str | None) -> ManifestSpec:
 
 # --- per-format row parsers (pure Python: unit-testable without Beam) -------------------------------
 
-ParseResult = Row | dict  # a Row, or a rejection record
+ParseResult = Row | Rejection
 
 
 def _row_or_reject(file: str, row: int, id_: str, uri: str, base: str | None,
@@ -479,12 +456,11 @@ def _emit(results: Iterable[ParseResult]) -> Iterator[Any]:
             count("rows_parsed")
             yield result
         else:
-            count(f"rejected_parse_{result['reason']}")
-            yield beam.pvalue.TaggedOutput(REJECTED_TAG, result)
+            yield rejected(result)
 
 
 class ReadManifest(beam.PTransform):
-    """Manifest -> PCollections `rows` (Row) and `rejected` (dead-letter dicts)."""
+    """Manifest -> PCollections `rows` (Row) and `rejected` (Rejection)."""
 
     def __init__(self, spec: ManifestSpec) -> None:
         super().__init__()
@@ -511,9 +487,8 @@ class _KeepFirst(beam.DoFn):
         first, *others = sorted(rows, key=lambda r: (r.file, r.row))
         yield first
         for other in others:
-            count("rejected_duplicate_duplicate_id")
-            yield beam.pvalue.TaggedOutput(REJECTED_TAG, reject_row(
-                other, "duplicate", "duplicate_id", f"id {other.id!r} already seen at row {first.row} of {first.file}"))
+            yield rejected(reject_row(other, "duplicate", "duplicate_id",
+                                      f"id {other.id!r} already seen at row {first.row} of {first.file}"))
 
 
 class DropDuplicateIds(beam.PTransform):

@@ -35,8 +35,10 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms.window import GlobalWindows
 from apache_beam.utils.windowed_value import WindowedValue
 
-from pipelines.manifests import count
+from pipelines.outcomes import count
 from pipelines.splits import unit_hash
+from tagbeam import storage
+from tagbeam.dataset import SHARD_COMPRESSIONS, shard_name
 
 _SHARD_SALT = b"tagbeam-shard:"
 _SAMPLE_SALT = b"tagbeam-sample:"
@@ -48,11 +50,9 @@ SAMPLE_ROWS = 32
 RUN_BUFFER_BYTES = 32 * 2**20
 # Runs merged at once (open files); a shard fed by more bundles is merged in several passes.
 MAX_FAN_IN = 128
-# Runs live in <output>/runs.tmp-<uuid>/, matched by dataset_info's temporaries pattern "*.tmp-*".
-RUNS_DIR_PREFIX = "runs.tmp-"
+# Runs live in <output>/runs.tmp-<uuid>/, which the clean-up of temporaries matches (storage.TEMP_MARK).
+RUNS_DIR_PREFIX = f"runs{storage.TEMP_MARK}"
 _RUN_HEADER = struct.Struct("<IQ")  # id length, record length
-SHARD_COMPRESSIONS = ("none", "gzip")
-SHARD_SUFFIXES = {"none": ".tfrecord", "gzip": ".tfrecord.gz"}
 _BEAM_COMPRESSION = {"none": CompressionTypes.UNCOMPRESSED, "gzip": CompressionTypes.GZIP}
 
 
@@ -100,10 +100,6 @@ def shard_of(id_: str, num_shards: int) -> int:
     return min(num_shards - 1, int(unit_hash(id_, _SHARD_SALT) * num_shards))
 
 
-def shard_name(split: str, index: int, num_shards: int, compression: str = "none") -> str:
-    return f"{split}-{index:05d}-of-{num_shards:05d}{SHARD_SUFFIXES[compression]}"
-
-
 def sample_key(id_: str) -> float:
     """Rows with the smallest keys form the size sample (a function of the ids alone)."""
     return unit_hash(id_, _SAMPLE_SALT)
@@ -124,14 +120,12 @@ def shard_key(e: Encoded, num_shards: Mapping[str, int]) -> tuple[ShardKey, tupl
 
 def write_tfrecord(path: str, records: Iterable[bytes], compression: str = "none") -> int:
     """Writes `records` to `path` through a temporary file renamed into place; returns the file size."""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    tmp = storage.temp_name(path)
     with FileSystems.create(tmp, compression_type=_BEAM_COMPRESSION[compression]) as out:
         for record in records:
             out.write(tfrecord_frame(record))
-    if FileSystems.exists(path):  # a retried bundle wrote it before; the content is the same
-        FileSystems.delete([path])
-    FileSystems.rename([tmp], [path])
-    return _size(path)
+    # A retried bundle may have written it before; the content is the same.
+    return _size(storage.move_into_place(tmp, path))
 
 
 def _size(path: str) -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 
-SPLITS = ("train", "val", "test")
 _SALT = b"tagbeam-split:"
 
 
@@ -23,9 +22,3 @@ def split_of(id_: str, val_fraction: float, test_fraction: float) -> str:
     if h < test_fraction + val_fraction:
         return "val"
     return "train"
-
-
-def check_fractions(val_fraction: float, test_fraction: float) -> None:
-    if not (0 <= val_fraction <= 1 and 0 <= test_fraction <= 1 and val_fraction + test_fraction <= 1):
-        raise ValueError(f"--val_fraction {val_fraction} and --test_fraction {test_fraction} must be in [0, 1] "
-                         "and sum to at most 1")

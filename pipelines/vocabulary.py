@@ -22,8 +22,10 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.dataset_info import write_json
-from pipelines.manifests import UsageError, text_lines
+from pipelines.manifests import text_lines
+from tagbeam import storage
+from tagbeam.dataset import check_label, parse_labels_text
+from tagbeam.flags import UsageError
 from pipelines.shards import SAMPLE_ROWS, sample_key
 from pipelines.splits import split_of
 
@@ -101,8 +103,8 @@ class StatsFn(beam.CombineFn):
         kind, value = item
         counters[0][kind] += 1
         if kind == "rejected":
-            counters[1][f"{value['stage']}:{value['reason']}"] += 1
-            counters[0]["input_rows"] += value["stage"] == "parse"
+            counters[1][value.key] += 1
+            counters[0]["input_rows"] += value.stage == "parse"
             return acc
         if kind == "read":
             counters[0]["input_rows"] += 1
@@ -151,7 +153,7 @@ class ManifestStats(beam.PTransform):
                   rejected | "TagRejected" >> beam.Map(lambda r: ("rejected", r)))
                  | "All" >> beam.Flatten()
                  | "Count" >> beam.CombineGlobally(StatsFn(*self._fractions)))
-        _ = stats | "Write" >> beam.Map(lambda s: write_json(path, {k: v for k, v in s.items() if k != "sample"}))
+        _ = stats | "Write" >> beam.Map(lambda s: storage.write_json(path, {k: v for k, v in s.items() if k != "sample"}))
         return stats
 
 
@@ -159,10 +161,13 @@ def read_vocab_file(path: str) -> list[str]:
     """Labels of a labels.txt (one per line, blank lines ignored). Raises UsageError."""
     try:
         with FileSystems.open(path) as handle:
-            labels = [line.strip() for line in text_lines(handle) if line.strip()]
+            labels = parse_labels_text("\n".join(text_lines(handle)))
     except Exception as err:  # noqa: BLE001 - BeamIOError wraps the store's own errors
         raise UsageError(f"--vocab_file {path}: cannot read it ({err}); give a labels.txt, "
                          "one label per line") from None
+    bad = [(label, check_label(label)) for label in labels if check_label(label)]
+    if bad:
+        raise UsageError(f"--vocab_file {path}: label {bad[0][0]!r}: {bad[0][1]}")
     repeated = [label for label, n in Counter(labels).items() if n > 1]
     if not labels or repeated:
         problem = "it is empty" if not labels else f"it repeats {repeated[:5]}"

@@ -17,7 +17,7 @@ step "1/5 embedded backbone (ImageNet MobileNetV2, built once into the cache)"
 "$py" -m trainer.embedded_backbone build
 
 step "2/5 sample data (real Fashion-MNIST mosaics as posters, real BigEarthNet chips)"
-"$py" -m pipelines.sample_data --output "$root/data/sample"
+"$py" -m sample_data --output "$root/data/sample"
 
 step "3/5 preprocess: manifest -> TFRecord shards (Beam, DirectRunner)"
 "$py" -m pipelines.preprocess \

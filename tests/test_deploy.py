@@ -26,7 +26,7 @@ from packaging.specifiers import SpecifierSet
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
-PROJECT_PACKAGES = ("pipelines", "trainer")
+PROJECT_PACKAGES = ("pipelines", "trainer", "sample_data")
 # Entry points that hand the arguments they do not know to Beam's PipelineOptions (pipelines.retrain
 # forwards them to its preprocessing step; the KFP preprocess step relies on it).
 BEAM_ENTRY_POINTS = frozenset({"pipelines.preprocess", "pipelines.predict", "pipelines.retrain"})
@@ -36,7 +36,7 @@ ENTRY_POINTS = (
     "pipelines.preprocess",
     "pipelines.predict",
     "pipelines.retrain",
-    "pipelines.sample_data",
+    "sample_data",
     "deploy/kfp/pipeline.py",
     "deploy/kfp/schedule.py",
 )
@@ -144,7 +144,7 @@ def scan_shell(text: str, name: str, launchers: dict[str, dict[str, str]] | None
     """Invocations in shell-like text: scripts, crontabs, systemd ExecStart=, Dockerfile RUN lines."""
     launchers = _launchers() if launchers is None else launchers
     arrays = _bash_arrays(text)
-    relevant = re.compile("|".join([r"-m\s+(?:%s)\." % "|".join(PROJECT_PACKAGES), r"\.py\b",
+    relevant = re.compile("|".join([r"-m\s+(?:%s)\b" % "|".join(PROJECT_PACKAGES), r"\.py\b",
                                     *map(re.escape, launchers)]))
     found = []
     for number, line in _logical_lines(text):
@@ -250,13 +250,9 @@ def option_strings(parser: argparse.ArgumentParser) -> set[str]:
 
 @functools.cache
 def beam_flags() -> frozenset[str]:
-    """Every flag of Beam's PipelineOptions, gathered the way PipelineOptions.get_all_options() does."""
-    from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+    from tagbeam.flags import beam_option_strings
 
-    parser = _BeamArgumentParser(allow_abbrev=False)
-    for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-        cls._add_argparse_args(parser)
-    return frozenset(option_strings(parser))
+    return beam_option_strings()
 
 
 def flag_problems(invocations: Iterable[Invocation],
@@ -427,7 +423,7 @@ def test_vertex_job_is_one_multi_gpu_machine_whose_args_the_trainer_accepts(monk
 
     monkeypatch.setenv("AIP_MODEL_DIR", "gs://bucket/run/model/")
     args = [re.sub(r"\$\{\w+\}", "x", arg) for arg in pool["containerSpec"]["args"]]
-    parsed = task.parse_args(args)
+    parsed, _ = task.parse_args(args)
     assert parsed.model_dir == "gs://bucket/run/model/" and parsed.data_dir.startswith("gs://")
 
 
@@ -473,9 +469,9 @@ def test_scanner_finds_the_commands_of_every_kind_of_file(invocations):
         ("deploy/README.md", "pipelines.predict", "--format"),  # through launch.sh
         ("deploy/README.md", "deploy/kfp/schedule.py", "--pipeline_root"),
         ("deploy/vertex/trainer_job.yaml", "trainer.task", "--data_dir"),
-        ("deploy/kfp/pipeline.py (compiled)", "pipelines.retrain", "--min_metric"),
+        ("deploy/kfp/pipeline.py (compiled)", "pipelines.retrain", "--flags_json"),
         ("deploy/cron/tagbeam-retrain.cron", "pipelines.retrain", "--workspace"),
-        ("deploy/systemd/tagbeam-retrain.service", "pipelines.retrain", "--tolerance"),
+        ("deploy/systemd/tagbeam-retrain.service", "pipelines.retrain", "--min_metric"),
         ("scripts/demo.sh", "trainer.task", "--cpu_replicas"),
     }
     assert expected <= pairs, f"not found: {sorted(expected - pairs)}"
@@ -510,3 +506,41 @@ def test_every_flag_passed_to_an_entry_point_exists(invocations, entry_point):
     assert mine, f"no file passes flags to {entry_point}: drop it from ENTRY_POINTS or the scanner lost it"
     problems = flag_problems(mine)
     assert not problems, "\n".join(problems)
+
+
+def _argv_after_module(line: str, module: str) -> list[str]:
+    tokens = _shell_tokens(line)
+    start = tokens.index(module) + 1
+    end = next((i for i, t in enumerate(tokens[start:], start) if _is_operator(t)), len(tokens))
+    return tokens[start:end]
+
+
+def _restated_defaults(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Flags in `argv` whose value equals the entry point's own default for them."""
+    namespace, _ = parser.parse_known_args(argv)
+    given = {token.split("=", 1)[0] for token in argv if token.startswith("--")}
+    return sorted(f"{action.option_strings[0]}={getattr(namespace, action.dest)!r}" for action in parser._actions
+                  if set(action.option_strings) & given and getattr(namespace, action.dest) == action.default)
+
+
+def test_schedules_and_job_specs_do_not_restate_defaults(monkeypatch):
+    # A spec that pins a default keeps the old value when the one declaration changes (30 epochs
+    # under-trained every scheduled model once): specs say only what they choose differently.
+    from pipelines import retrain
+    from trainer import task
+
+    cron = next(line for line in (DEPLOY / "cron/tagbeam-retrain.cron").read_text().splitlines()
+                if "pipelines.retrain" in line and not line.startswith("#"))
+    service = " ".join(line for _, line in _logical_lines((DEPLOY / "systemd/tagbeam-retrain.service").read_text())
+                       if line.startswith("ExecStart="))
+    monkeypatch.setenv("AIP_MODEL_DIR", "gs://bucket/run/model/")
+    (pool,) = yaml.safe_load((DEPLOY / "vertex/trainer_job.yaml").read_text())["workerPoolSpecs"]
+    vertex = [re.sub(r"\$\{\w+\}", "x", arg) for arg in pool["containerSpec"]["args"]]
+    problems = {
+        "cron": _restated_defaults(retrain.build_parser(), _argv_after_module(cron, "pipelines.retrain")),
+        "systemd": _restated_defaults(retrain.build_parser(), _argv_after_module(service, "pipelines.retrain")),
+        "vertex": _restated_defaults(task.build_parser(), vertex),
+    }
+    assert not any(problems.values()), problems
+    # The check itself bites: restating --tolerance's default is caught.
+    assert _restated_defaults(retrain.build_parser(), ["--workspace", "w", "--tolerance", "0.01"]) == ["--tolerance=0.01"]

@@ -9,7 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import manifests
-from pipelines.manifests import ManifestSpec, Row, UsageError
+from pipelines.manifests import ManifestSpec, Row
+from pipelines.options import ManifestOptions
+from tagbeam.dataset import Rejection
+from tagbeam.flags import UsageError
 
 AMAZON = "https://images-na.ssl-images-amazon.com/images/M/"
 # Kaggle's MovieGenre.csv, byte for byte in its style: poster URLs hold commas and are quoted,
@@ -47,7 +50,7 @@ def parse(spec: ManifestSpec, path: str) -> list:
 def test_movie_genre_rows_encodings_quotes_and_missing_poster(tmp_path):
     path = write(tmp_path / "MovieGenre.csv", MOVIE_GENRE)
     assert manifests.detect_format(path) == "movie_genre"
-    spec = manifests.resolve_spec(path)
+    spec = manifests.resolve_spec(ManifestOptions(input=path))
     assert spec.format == "movie_genre" and spec.files == (path,)
     results = parse(spec, path)
     assert len(results) == 6  # the blank last line is not a row
@@ -65,8 +68,8 @@ def test_movie_genre_rows_encodings_quotes_and_missing_poster(tmp_path):
     assert pokemon.base == str(tmp_path)
     assert die_hard.labels == ("Action", "Thriller")  # after a quoted newline in the title
 
-    assert rejected == [{"row": 4, "id": "113189", "uri": "", "stage": "parse", "reason": "missing_uri",
-                         "detail": f"row 4 of {path} has no image URI", "file": path}]
+    assert rejected == [Rejection(file=path, row=4, id="113189", uri="", stage="parse", reason="missing_uri",
+                                  detail=f"row 4 of {path} has no image URI")]
 
 
 def test_lines_decode_as_utf8_then_cp1252_then_latin1():
@@ -81,7 +84,7 @@ def test_planet_rows_use_the_image_root_and_extension(tmp_path):
                  "image_name,tags\ntrain_0,haze primary\ntrain_1,agriculture clear primary water\ntrain_2,\n")
     os.makedirs(tmp_path / "train-jpg")
     assert manifests.detect_format(path) == "planet"
-    spec = manifests.resolve_spec(path)
+    spec = manifests.resolve_spec(ManifestOptions(input=path))
     assert spec.image_root == str(tmp_path / "train-jpg")
     rows = parse(spec, path)
     assert rows[0] == Row(path, 1, "train_0", str(tmp_path / "train-jpg" / "train_0.jpg"), str(tmp_path / "train-jpg"),
@@ -89,14 +92,15 @@ def test_planet_rows_use_the_image_root_and_extension(tmp_path):
     assert rows[1].labels == ("agriculture", "clear", "primary", "water")
     assert rows[2].labels == () and rows[2].id == "train_2"  # no tags: decided later (--unlabeled)
 
-    tif = manifests.resolve_spec(path, "planet", image_root="https://example.org/train-tif-v2", image_ext="tif")
+    tif = manifests.resolve_spec(ManifestOptions(input=path, format="planet", image_ext="tif",
+                                                 image_root="https://example.org/train-tif-v2"))
     assert parse(tif, path)[0].uri == "https://example.org/train-tif-v2/train_0.tif"
 
 
 def test_planet_without_image_folder_says_which_flag(tmp_path):
     path = write(tmp_path / "train_v2.csv", "image_name,tags\ntrain_0,haze\n")
     with pytest.raises(UsageError, match=r"train-jpg .*--image_root"):
-        manifests.resolve_spec(path)
+        manifests.resolve_spec(ManifestOptions(input=path))
 
 
 VOC_XML = """<annotation>
@@ -126,23 +130,23 @@ def make_voc(root) -> str:
 
 def test_voc_objects_image_sets_and_refused_doctype(tmp_path):
     root = make_voc(tmp_path / "VOC2012")
-    spec = manifests.resolve_spec(root)
+    spec = manifests.resolve_spec(ManifestOptions(input=root))
     assert spec.format == "voc"
     source, ids = manifests.voc_ids(spec)
     assert ids == ["2008_000008", "2008_000015", "2008_000019", "2008_000023"]
 
-    train = manifests.resolve_spec(root, "voc", voc_image_set="train")
+    train = manifests.resolve_spec(ManifestOptions(input=root, format="voc", voc_image_set="train"))
     source, ids = manifests.voc_ids(train)
     assert source.endswith("ImageSets/Main/train.txt") and ids == ["2008_000008", "2008_000023", "2008_000099"]
     horse, bomb, missing = (manifests.voc_row(train, source, i + 1, image_id) for i, image_id in enumerate(ids))
     assert horse == Row(source, 1, "2008_000008", os.path.join(root, "JPEGImages", "2008_000008.jpg"), root,
                         ("horse", "person"))
-    assert (bomb["stage"], bomb["reason"], bomb["row"]) == ("parse", "bad_xml", 2)
-    assert "DOCTYPE" in bomb["detail"]
-    assert (missing["reason"], missing["id"]) == ("missing_annotation", "2008_000099")
+    assert (bomb.stage, bomb.reason, bomb.row) == ("parse", "bad_xml", 2)
+    assert "DOCTYPE" in bomb.detail
+    assert (missing.reason, missing.id) == ("missing_annotation", "2008_000099")
 
     with pytest.raises(UsageError, match="--voc_image_set test"):
-        manifests.resolve_spec(root, "voc", voc_image_set="test")
+        manifests.resolve_spec(ManifestOptions(input=root, format="voc", voc_image_set="test"))
 
 
 def test_generic_csv_jsonl_and_parquet(tmp_path):
@@ -159,33 +163,33 @@ def test_generic_csv_jsonl_and_parquet(tmp_path):
     for path in (csv_path, jsonl_path, parquet_path):
         assert manifests.detect_format(path) == "generic"
 
-    csv_rows = parse(manifests.resolve_spec(csv_path, id_column="key"), csv_path)
+    csv_rows = parse(manifests.resolve_spec(ManifestOptions(input=csv_path, id_column="key")), csv_path)
     assert csv_rows[0] == Row(csv_path, 1, "k1", str(tmp_path / "img" / "a.jpg"), str(tmp_path), ("cat", "dog"))
     assert csv_rows[1].uri == "https://x.org/b.png" and csv_rows[1].labels == ("dog", "cat")
-    assert csv_rows[2]["reason"] == "missing_uri" and csv_rows[2]["id"] == "k3"
+    assert csv_rows[2].reason == "missing_uri" and csv_rows[2].id == "k3"
 
-    jsonl_rows = parse(manifests.resolve_spec(jsonl_path), jsonl_path)
+    jsonl_rows = parse(manifests.resolve_spec(ManifestOptions(input=jsonl_path)), jsonl_path)
     assert jsonl_rows[0].id == "img/a.jpg"  # default id: the URI as written, stable across machines
     assert jsonl_rows[0].labels == ("cat", "dog")
     assert jsonl_rows[1].labels == ("dog", "bird") and jsonl_rows[1].uri == "gs://bucket/b.jpg"
-    assert (jsonl_rows[2]["reason"], jsonl_rows[2]["row"]) == ("escapes_base", 3)
-    assert (jsonl_rows[3]["reason"], jsonl_rows[3]["row"]) == ("malformed_row", 4)
+    assert (jsonl_rows[2].reason, jsonl_rows[2].row) == ("escapes_base", 3)
+    assert (jsonl_rows[3].reason, jsonl_rows[3].row) == ("malformed_row", 4)
 
-    parquet_rows = parse(manifests.resolve_spec(parquet_path), parquet_path)
+    parquet_rows = parse(manifests.resolve_spec(ManifestOptions(input=parquet_path)), parquet_path)
     assert [(r.row, r.id, r.labels) for r in parquet_rows] == [(1, "img/a.jpg", ("cat",)),
                                                                (2, "img/b.jpg", ("dog", "bird"))]
 
 
 def test_user_errors_name_the_file_and_what_to_do(tmp_path):
     with pytest.raises(UsageError, match=r"--input .*nope\.csv: no such file"):
-        manifests.resolve_spec(str(tmp_path / "nope.csv"))
+        manifests.resolve_spec(ManifestOptions(input=str(tmp_path / "nope.csv")))
     wrong = write(tmp_path / "wrong.csv", "path,tags\na.jpg,x\n")
     with pytest.raises(UsageError, match=r"missing column\(s\) uri, labels .*found \['path', 'tags'\].*--uri_column"):
-        manifests.resolve_spec(wrong)
+        manifests.resolve_spec(ManifestOptions(input=wrong))
     header_only = write(tmp_path / "empty.csv", "imdbId,Imdb Link,Title,IMDB Score,Genre,Poster\n")
     with pytest.raises(UsageError, match="no data rows"):
-        manifests.resolve_spec(header_only)
+        manifests.resolve_spec(ManifestOptions(input=header_only))
     with pytest.raises(UsageError, match="is empty"):
-        manifests.resolve_spec(write(tmp_path / "zero.csv", b""))
+        manifests.resolve_spec(ManifestOptions(input=write(tmp_path / "zero.csv", b"")))
     with pytest.raises(UsageError, match="folder without Annotations"):
-        manifests.resolve_spec(str(tmp_path))
+        manifests.resolve_spec(ManifestOptions(input=str(tmp_path)))

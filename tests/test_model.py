@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 import numpy as np
+from tagbeam import dataset
 import pytest
 import tensorflow as tf
 import tf_keras
@@ -73,7 +74,7 @@ def test_unreachable_handle_names_the_flag_and_the_way_out(strategy, handle, out
 
 def test_batch_runner_keeps_outputs_aligned_on_both_replicas(strategy, backbone_dir, tmp_path) -> None:
     root = write_dataset(str(tmp_path / "ds"), {"val": 35}, 24, LABELS, seed=2, shards=3)
-    info = data.read_dataset_info(root)
+    info = dataset.read(root)
     with strategy.scope():
         backbone = model_lib.load_backbone(backbone_dir)
     # 35 = 4 x 8 + 3: the short last batch is padded to 4 (2 replicas) and the padding dropped again.
@@ -91,7 +92,7 @@ def test_batch_runner_keeps_outputs_aligned_on_both_replicas(strategy, backbone_
 def test_fine_tuning_updates_only_the_top_backbone_variables(strategy, tmp_path) -> None:
     path = write_backbone(str(tmp_path / "tunable"))
     root = write_dataset(str(tmp_path / "ds"), {"train": 16}, 16, LABELS, seed=4)
-    info = data.read_dataset_info(root)
+    info = dataset.read(root)
     with strategy.scope():
         backbone = model_lib.load_backbone(path, trainable=True)
         head = model_lib.build_head(48, len(LABELS), hidden_units=8, seed=0)

@@ -14,7 +14,8 @@ import tensorflow_hub as hub
 import tf_keras
 
 from backbone_factory import write_backbone
-from pipelines import predict, sample_data
+import sample_data
+from pipelines import predict
 from trainer.model import NonEmptyBatch
 from trainer.serving import export_model
 

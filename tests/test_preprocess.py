@@ -414,7 +414,7 @@ def test_lost_rows_fail_the_commit_with_the_numbers():
                "resize_policy": "squash", "shard_compression": "none", "unlabeled": "reject"}
     info = dataset_info.build_info(labels=["a"], input_rows=9, rejected_by_reason={"fetch:http_404": 2},
                                    shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], options=options)
-    assert info["splits"]["train"]["examples"] == 7 and info["splits"]["val"]["shards"] == 0
+    assert info.splits["train"].examples == 7 and info.splits["val"].shards == 0
     with pytest.raises(dataset_info.InvariantError, match=r"input_rows 10 != examples 7 \+ rejected 2"):
         dataset_info.build_info(labels=["a"], input_rows=10, rejected_by_reason={"fetch:http_404": 2},
                                 shards=[shard], rejected_files=[], options=options)

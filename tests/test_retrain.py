@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import retrain, sample_data
+import sample_data
+from pipelines import retrain
 
 # Small but real: 10 Fashion-MNIST labels, 96 px images, a few epochs on cached features.
 PREPROCESS_FLAGS = ["--image_size", "96", "--val_fraction", "0.2", "--test_fraction", "0.25"]
@@ -97,3 +98,83 @@ def test_failed_step_exits_nonzero_and_is_recorded(tmp_path):
     assert record["outcome"] == "failed"
     assert "preprocess" in record["reason"]
     assert not (workspace / "champion.json").exists()
+
+
+# --- options: one declaration, forwarded ------------------------------------------------------------
+
+PATHS = ("data_dir", "model_dir")
+
+
+def _python_m(*argv: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=900, env=env)
+
+
+def _flags(model_dir: Path) -> dict:
+    return {k: v for k, v in json.loads((model_dir / "run.json").read_text())["flags"].items() if k not in PATHS}
+
+
+def test_a_scheduled_challenger_trains_exactly_as_the_trainer_does_by_default(manifest, tmp_path):
+    # No training flag: the challenger must get trainer.task's own defaults (once it got 30 epochs
+    # from retrain's copy of --epochs while the trainer's default was 300).
+    workspace = tmp_path / "ws"
+    done = _python_m("pipelines.retrain", "--workspace", str(workspace), "--input", manifest, *PREPROCESS_FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run_id,) = [p.name for p in (workspace / "runs").iterdir()]
+    direct = _python_m("trainer.task", "--data_dir", str(workspace / "runs" / run_id / "dataset"),
+                       "--model_dir", str(tmp_path / "direct"))
+    assert direct.returncode == 0, direct.stderr[-3000:]
+    scheduled = _flags(workspace / "runs" / run_id / "model")
+    assert scheduled == _flags(tmp_path / "direct")
+    assert scheduled["epochs"] is None and scheduled["early_stopping_patience"] is None  # the path's defaults
+
+
+def test_every_training_option_reaches_the_challenger_through_retrain(manifest, tmp_path):
+    from tagbeam.flags import declared
+    from trainer import embedded_backbone
+    from trainer.config import TrainOptions
+
+    # Two runs, because --positive_weights and --loss soft_f1 exclude each other. Run "a" gives its
+    # flags to the preprocess step only: the train step must run with what that step recorded (as
+    # under Vertex AI Pipelines). Run "b" gives them to the train step itself.
+    runs = {
+        "a": {"hub_handle": embedded_backbone.default_handle(), "epochs": 1, "batch_size": 16,
+              "learning_rate": 0.002, "hidden_units": 8, "dropout": 0.1, "positive_weights": True, "beta": 2.0,
+              "seed": 5, "fine_tune_layers": 2, "fine_tune_learning_rate": 0.0002, "warm_start_epochs": 2,
+              "augment": "flip", "cpu_replicas": 2, "early_stopping_patience": 3},
+        "b": {"loss": "soft_f1", "feature_cache": "off", "epochs": 1, "batch_size": 32, "seed": 1},
+    }
+    options = {o.flag: o for o in declared(TrainOptions)}
+    assert set(runs["a"]) | set(runs["b"]) == set(options), "a new training option must be added to this test"
+    workspace = tmp_path / "ws"
+    for run_id, values in runs.items():
+        argv = []
+        for flag, value in values.items():
+            assert value != options[flag].default, flag
+            argv += [f"--{flag}"] if value is True else [f"--{flag}", str(value)]
+        common = ["pipelines.retrain", "--workspace", str(workspace), "--run_id", run_id]
+        first = [*common, "--step", "preprocess", "--input", manifest, *PREPROCESS_FLAGS]
+        done = _python_m(*first, *argv) if run_id == "a" else _python_m(*first)
+        assert done.returncode == 0, done.stderr[-3000:]
+        done = _python_m(*common, "--step", "train") if run_id == "a" else _python_m(*common, "--step", "train", *argv)
+        assert done.returncode == 0, done.stderr[-3000:]
+        recorded = _flags(workspace / "runs" / run_id / "model")
+        assert {flag: recorded[flag] for flag in values} == values
+
+
+@pytest.mark.parametrize("entry_point", ["pipelines.retrain", "pipelines.preprocess", "pipelines.predict",
+                                         "trainer.task"])
+def test_an_option_no_step_knows_is_refused(entry_point, tmp_path, capsys):
+    import importlib
+
+    argv = {"pipelines.retrain": ["--workspace", str(tmp_path)],
+            "pipelines.preprocess": ["--input", "m.csv", "--output", str(tmp_path)],
+            "pipelines.predict": ["--input", "m.csv", "--output", str(tmp_path), "--model", str(tmp_path)],
+            "trainer.task": ["--data_dir", str(tmp_path), "--model_dir", str(tmp_path)]}[entry_point]
+    code = importlib.import_module(entry_point).main([*argv, "--dropuot", "0.1", "--runner", "DirectRunner"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "--dropuot 0.1" in line
+    assert "--runner" not in line or entry_point == "trainer.task"  # a Beam option is fine where Beam runs
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "history.jsonl").exists()

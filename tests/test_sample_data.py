@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines import sample_data, sample_sources
+import sample_data
+from sample_data import sources as sample_sources
 
 OPTIONS = {"posters": 40, "heldout_posters": 16, "poster_size": (182, 268), "seed": 7, "chips": True}
 

@@ -5,7 +5,8 @@ from collections import Counter
 
 import pytest
 
-from pipelines.splits import check_fractions, split_of
+from pipelines.options import SplitOptions
+from pipelines.splits import split_of
 
 
 def test_split_fractions_and_stability():
@@ -20,6 +21,6 @@ def test_split_fractions_and_stability():
 
 
 def test_fractions_are_checked():
-    check_fractions(0.0, 1.0)
+    SplitOptions(val_fraction=0.0, test_fraction=1.0)
     with pytest.raises(ValueError, match="--val_fraction 0.6 and --test_fraction 0.5"):
-        check_fractions(0.6, 0.5)
+        SplitOptions(val_fraction=0.6, test_fraction=0.5)

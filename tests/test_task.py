@@ -15,6 +15,7 @@ import textwrap
 import time
 
 import numpy as np
+from tagbeam import dataset
 import pytest
 import tensorflow as tf
 
@@ -23,7 +24,8 @@ from dataset_factory import write_dataset
 from trainer import data, model as model_lib, task
 from trainer.evaluation import evaluate
 from trainer.serving import preprocess_image_bytes
-from trainer.train import CACHED, THROUGH_BACKBONE, OutputDirs, TrainConfig, train
+from trainer.config import CACHED, THROUGH_BACKBONE, TrainOptions
+from trainer.train import OutputDirs, train
 
 LABELS = ["circle", "square", "triangle", "cross"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,9 +46,9 @@ def _subprocess_env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-def _test_image_bytes(info: data.DatasetInfo, count: int) -> list[bytes]:
+def _test_image_bytes(info: dataset.DatasetInfo, count: int) -> list[bytes]:
     spec = {"image": tf.io.FixedLenFeature([], tf.string)}
-    records = tf.data.TFRecordDataset(list(info.split("test").files), info.compression_type).take(count)
+    records = tf.data.TFRecordDataset(list(info.shard_paths("test")), info.compression_type).take(count)
     return [tf.io.parse_single_example(r, spec)["image"].numpy() for r in records]
 
 
@@ -72,7 +74,7 @@ def test_end_to_end_on_two_replicas_with_the_embedded_backbone(tmp_path) -> None
         "--data_dir", root, "--model_dir", model_dir, "--epochs", "6", "--batch_size", "32",
         "--learning_rate", "0.01", "--seed", "1", "--cpu_replicas", "2", "--version", "7",
     ])
-    outcome = task.run(args)  # --hub_handle omitted: the embedded MobileNetV2
+    outcome = task.run(*args)  # --hub_handle omitted: the embedded MobileNetV2
 
     run_info = json.load(open(os.path.join(model_dir, "run.json")))
     assert run_info["num_replicas_in_sync"] == 2 and len(run_info["devices"]) == 2
@@ -92,7 +94,7 @@ def test_end_to_end_on_two_replicas_with_the_embedded_backbone(tmp_path) -> None
     for name in ("samples.png", "per_label_f1.png", "learning_curves.png"):
         assert os.path.getsize(os.path.join(model_dir, name)) > 1000
 
-    info = data.read_dataset_info(root)
+    info = dataset.read(root)
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     payload = _test_image_bytes(info, 8)
@@ -115,14 +117,14 @@ def test_cached_features_train_like_the_full_backbone(tiny_backbone, tmp_path) -
     # One train shard: the shard-order shuffle of the image path is then the identity, so both
     # paths see the examples in the same seeded order.
     root = write_dataset(str(tmp_path / "ds"), {"train": 100, "val": 40}, 32, LABELS, seed=3, shards=1)
-    info = data.read_dataset_info(root)
+    info = dataset.read(root)
     strategy = model_lib.setup_strategy(2)
     with strategy.scope():
         backbone = model_lib.load_backbone(tiny_backbone)
     results = {}
     for mode in ("auto", "off"):
-        config = TrainConfig(epochs=10, batch_size=16, learning_rate=0.02, hidden_units=16, dropout=0.0,
-                             seed=9, early_stopping_patience=10, feature_cache=mode)
+        config = TrainOptions(epochs=10, batch_size=16, learning_rate=0.02, hidden_units=16, dropout=0.0,
+                              seed=9, early_stopping_patience=10, feature_cache=mode)
         results[mode] = train(strategy, info, backbone, config, OutputDirs.under(str(tmp_path / mode)))
     cached, full = results["auto"], results["off"]
     assert (cached.path, full.path) == (CACHED, THROUGH_BACKBONE)
@@ -141,14 +143,14 @@ def test_cached_features_train_like_the_full_backbone(tiny_backbone, tmp_path) -
 
 
 def test_fine_tuning_starts_from_a_head_trained_on_cached_features(tiny_backbone, small_dataset, tmp_path) -> None:
-    info = data.read_dataset_info(small_dataset)
+    info = dataset.read(small_dataset)
     strategy = model_lib.setup_strategy(2)
     results = {}
     for mode in ("auto", "off"):  # "off": no feature cache, so no warm start either
         with strategy.scope():
             backbone = model_lib.load_backbone(tiny_backbone, trainable=True)
-        config = TrainConfig(epochs=1, batch_size=16, learning_rate=0.01, seed=4, fine_tune_layers=2,
-                             early_stopping_patience=4, feature_cache=mode, warm_start_epochs=30)
+        config = TrainOptions(epochs=1, batch_size=16, learning_rate=0.01, seed=4, fine_tune_layers=2,
+                              early_stopping_patience=4, feature_cache=mode, warm_start_epochs=30)
         results[mode] = train(strategy, info, backbone, config, OutputDirs.under(str(tmp_path / mode)))
     warm, cold = results["auto"], results["off"]
     assert warm.path == cold.path == THROUGH_BACKBONE
@@ -241,7 +243,7 @@ def test_empty_val_and_test_splits_degrade_with_warnings_under_vertex_variables(
     monkeypatch.setenv("AIP_CHECKPOINT_DIR", str(tmp_path / "vertex_checkpoints"))
     monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", str(tmp_path / "vertex_logs"))
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        outcome = task.run(task.parse_args([
+        outcome = task.run(*task.parse_args([
             "--data_dir", root, "--hub_handle", tiny_backbone, "--epochs", "2", "--batch_size", "16", "--seed", "0",
         ]))
     assert outcome.run_info["thresholds_tuned_on"] == "train" and outcome.metrics is None

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, fbeta_score
 
-from trainer.thresholds import thresholds_from_json, thresholds_to_json, tune_thresholds
+from tagbeam.export import parse_thresholds_json, thresholds_json
+from trainer.thresholds import tune_thresholds
 
 # One label; positives at 0.9, 0.8, 0.35 and negatives at 0.7, 0.3, 0.1. Keeping the top k:
 #   k:   1     2     3      4      5     6
@@ -74,6 +75,6 @@ def test_bad_input_is_rejected_with_the_shapes():
 
 
 def test_json_round_trip_keeps_label_order():
-    labels, values = thresholds_from_json(thresholds_to_json(["b", "a", "c"], np.array([0.1, 0.7, 0.5], np.float32)))
+    labels, values = parse_thresholds_json(thresholds_json(["b", "a", "c"], np.array([0.1, 0.7, 0.5], np.float32)))
     assert labels == ["b", "a", "c"]
     np.testing.assert_allclose(values, [0.1, 0.7, 0.5])

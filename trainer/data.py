@@ -6,21 +6,16 @@ tf.io.gfile and tf.data).
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
-import posixpath
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from tagbeam.dataset import FEATURE_ID, FEATURE_IMAGE, FEATURE_LABELS, DatasetError, DatasetInfo
+from trainer.config import AUGMENTATIONS
+
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-IMAGE_FORMATS = ("jpeg", "png")
-SHARD_COMPRESSIONS = ("none", "gzip")
-AUGMENTATIONS = ("none", "flip", "dihedral")
 # Bounded so a large split's shuffle buffer of encoded examples stays well under a few GB;
 # shard-order shuffling adds mixing beyond it.
 MAX_SHUFFLE_BUFFER = 10_000
@@ -29,137 +24,18 @@ MAX_SHUFFLE_BUFFER = 10_000
 MAX_CYCLE_LENGTH = 16
 
 
-class DatasetError(ValueError):
-    """The dataset directory is missing, incomplete or inconsistent; the message says what to do."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SplitInfo:
-    name: str
-    examples: int
-    files: tuple[str, ...]  # full paths of the split's TFRecord shards
-    label_counts: np.ndarray  # int64 [K], positives per label in labels.txt order
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-    data_dir: str
-    dataset_json: str  # path of dataset.json
-    labels: tuple[str, ...]
-    image_size: int
-    image_format: str
-    resize_policy: str
-    splits: dict[str, SplitInfo]
-    meta: dict[str, Any]  # dataset.json as written by the pipeline
-
-    @property
-    def num_labels(self) -> int:
-        return len(self.labels)
-
-    @property
-    def compression_type(self) -> str:
-        """tf.data's compression_type for the shards: "" or "GZIP" (datasets that do not say are GZIP)."""
-        return {"none": "", "gzip": "GZIP"}[self.meta.get("shard_compression", "gzip")]
-
-    @property
-    def stored_jpeg(self) -> tuple[int, str] | None:
-        """(quality, chroma subsampling) of the stored JPEGs, None when images are PNG. Datasets
-        written before the pipeline recorded the subsampling hold 4:4:4 JPEGs."""
-        if self.image_format != "jpeg":
-            return None
-        return int(self.meta.get("jpeg_quality", 95)), str(self.meta.get("jpeg_subsampling", "4:4:4"))
-
-    def split(self, name: str) -> SplitInfo:
-        """The split's info; a split absent from dataset.json is an empty split."""
-        return self.splits.get(name) or SplitInfo(name, 0, (), np.zeros(self.num_labels, np.int64))
-
-
-def join_path(base: str, name: str) -> str:
-    """`base`/`name` for local paths and URLs such as gs:// alike."""
-    return posixpath.join(base.rstrip("/"), name) if "://" in base else tf.io.gfile.join(base, name)
-
-
-def _read_text(path: str) -> str:
-    with tf.io.gfile.GFile(path, "r") as f:
-        return f.read()
-
-
-def _require(meta: dict, key: str, kind: type, path: str) -> Any:
-    if key not in meta:
-        raise DatasetError(f"{path} has no {key!r}: it was not written by `python -m pipelines.preprocess` (docs/dataset.md)")
-    value = meta[key]
-    if not isinstance(value, kind) or isinstance(value, bool) != (kind is bool):
-        raise DatasetError(f"{path}: {key!r} must be {kind.__name__}, got {value!r}")
-    return value
-
-
-def read_dataset_info(data_dir: str) -> DatasetInfo:
-    """Reads and checks `dataset.json` and `labels.txt` in `data_dir` (local or gs://)."""
-    json_path = join_path(data_dir, "dataset.json")
-    if not tf.io.gfile.exists(json_path):
-        hint = ("its listing shows no dataset directory" if not tf.io.gfile.exists(data_dir)
-                else "the pipeline writes dataset.json last, so it may also be incomplete")
-        raise DatasetError(
-            f"--data_dir {data_dir}: no dataset.json ({hint}). Run `python -m pipelines.preprocess` "
-            "to create the dataset directory first, or check the path."
-        )
-    try:
-        meta = json.loads(_read_text(json_path))
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{json_path} is not valid JSON ({e}); rerun `python -m pipelines.preprocess`") from e
-    labels = tuple(_require(meta, "labels", list, json_path))
-    num_labels = _require(meta, "num_labels", int, json_path)
-    image_size = _require(meta, "image_size", int, json_path)
-    image_format = _require(meta, "image_format", str, json_path)
-    resize_policy = _require(meta, "resize_policy", str, json_path)
-    split_meta = _require(meta, "splits", dict, json_path)
-    if num_labels != len(labels) or num_labels < 1:
-        raise DatasetError(f"{json_path}: num_labels={num_labels} but {len(labels)} labels are listed")
-    if image_format not in IMAGE_FORMATS:
-        raise DatasetError(f"{json_path}: image_format {image_format!r} is not one of {IMAGE_FORMATS}")
-    if meta.get("shard_compression", "gzip") not in SHARD_COMPRESSIONS:
-        raise DatasetError(f"{json_path}: shard_compression {meta['shard_compression']!r} is not one of "
-                           f"{SHARD_COMPRESSIONS}")
-
-    labels_path = join_path(data_dir, "labels.txt")
-    if not tf.io.gfile.exists(labels_path):
-        raise DatasetError(f"{labels_path} is missing: the dataset directory is incomplete; rerun `python -m pipelines.preprocess`")
-    listed = tuple(line for line in _read_text(labels_path).splitlines() if line)
-    if listed != labels:
-        raise DatasetError(
-            f"{labels_path} ({len(listed)} labels) disagrees with the labels in {json_path} ({len(labels)}); "
-            "the directory mixes two pipeline runs: rerun `python -m pipelines.preprocess` into an empty folder"
-        )
-
-    present = set(tf.io.gfile.listdir(data_dir))
-    splits = {}
-    for name, info in split_meta.items():
-        files = tuple(info.get("files", []))
-        missing = [f for f in files if f not in present]
-        if missing:
-            raise DatasetError(f"{json_path} lists {len(missing)} {name} shard(s) missing from {data_dir}, e.g. {missing[0]}")
-        counts = info.get("label_counts", {})
-        splits[name] = SplitInfo(
-            name=name,
-            examples=int(info.get("examples", 0)),
-            files=tuple(join_path(data_dir, f) for f in files),
-            label_counts=np.array([int(counts.get(label, 0)) for label in labels], np.int64),
-        )
-    return DatasetInfo(data_dir, json_path, labels, image_size, image_format, resize_policy, splits, meta)
-
-
 def shuffle_buffer(examples: int) -> int:
     """The example shuffle buffer for a split of `examples`; the cached-feature path uses the same."""
     return max(1, min(examples, MAX_SHUFFLE_BUFFER))
 
 
-def _records(split: SplitInfo, compression_type: str, training: bool, seed: int | None) -> tf.data.Dataset:
-    """Serialized examples of `split`: a deterministic order unless training without a seed."""
-    files = tf.data.Dataset.list_files(list(split.files), shuffle=training, seed=seed)
+def _records(paths: tuple[str, ...], compression_type: str, training: bool, seed: int | None) -> tf.data.Dataset:
+    """Serialized examples of a split's shards: a deterministic order unless training without a seed."""
+    files = tf.data.Dataset.list_files(list(paths), shuffle=training, seed=seed)
     deterministic = seed is not None or not training
     return files.interleave(
         lambda path: tf.data.TFRecordDataset(path, compression_type=compression_type),
-        cycle_length=max(1, min(len(split.files), MAX_CYCLE_LENGTH)),
+        cycle_length=max(1, min(len(paths), MAX_CYCLE_LENGTH)),
         num_parallel_calls=tf.data.AUTOTUNE,
         deterministic=deterministic,
     )
@@ -167,9 +43,9 @@ def _records(split: SplitInfo, compression_type: str, training: bool, seed: int 
 
 def _parser(info: DatasetInfo):
     spec = {
-        "id": tf.io.FixedLenFeature([], tf.string),
-        "image": tf.io.FixedLenFeature([], tf.string),
-        "labels": tf.io.FixedLenFeature([info.num_labels], tf.int64),
+        FEATURE_ID: tf.io.FixedLenFeature([], tf.string),
+        FEATURE_IMAGE: tf.io.FixedLenFeature([], tf.string),
+        FEATURE_LABELS: tf.io.FixedLenFeature([info.num_labels], tf.int64),
     }
     size = info.image_size
 
@@ -181,7 +57,7 @@ def _parser(info: DatasetInfo):
 
     def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(serialized, spec)
-        return tf.ensure_shape(decode(example["image"]), [size, size, 3]), tf.cast(example["labels"], tf.float32)
+        return tf.ensure_shape(decode(example[FEATURE_IMAGE]), [size, size, 3]), tf.cast(example[FEATURE_LABELS], tf.float32)
 
     return parse
 
@@ -217,11 +93,11 @@ def image_dataset(
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
-    split_info = info.split(split)
-    if not split_info.files:
+    split_info, paths = info.split(split), info.shard_paths(split)
+    if not paths:
         raise DatasetError(f"the {split} split of {info.data_dir} has no shards")
     deterministic = seed is not None or not training
-    dataset = _records(split_info, info.compression_type, training, seed)
+    dataset = _records(paths, info.compression_type, training, seed)
     if training:
         dataset = dataset.shuffle(shuffle_buffer(split_info.examples), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(_parser(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from tagbeam.export import METRICS_JSON
 from trainer.thresholds import DEFAULT_THRESHOLD, ranked_counts
 
 
@@ -216,7 +217,7 @@ def write_report(
     import tensorflow as tf
 
     tf.io.gfile.makedirs(out_dir)
-    written = [posixpath.join(out_dir, "metrics.json")]
+    written = [posixpath.join(out_dir, METRICS_JSON)]
     with tf.io.gfile.GFile(written[0], "w") as out:
         # allow_nan=False: NaN is not JSON; evaluate() reports undefined values as null.
         out.write(json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -20,17 +20,11 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from trainer.thresholds import thresholds_to_json
-
-RESIZE_POLICIES = ("squash", "crop", "pad")
-JPEG_SUBSAMPLINGS = ("4:2:0", "4:4:4")  # pipelines/images.py: the chroma subsampling of stored JPEGs
-SIGNATURE_NAME = "serving_default"
-INPUT_NAME = "image_bytes"
-
+from tagbeam import export as model_files
+from tagbeam.dataset import DRAFT_MARGIN, JPEG_SUBSAMPLINGS, RESIZE_POLICIES, labels_text
 
 # The pipeline lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale ("draft") as long as both
 # sides keep at least DRAFT_MARGIN times the target size; serving must decode at the same scale.
-DRAFT_MARGIN = 2
 _DRAFT_RATIOS = (1, 2, 4, 8)
 # EXIF orientation lives in the JPEG's APP1 segment, before the image data: the first 64 KiB hold
 # it in practice (APP segments are at most 64 KiB each, and APP1/Exif normally comes first).
@@ -265,21 +259,21 @@ class _Servable(tf.Module):
                  asset_dir: str) -> None:
         super().__init__(name="tagbeam_servable")
         self.model_variables = list(model.variables)
-        self.labels_file = tf.saved_model.Asset(posixpath.join(asset_dir, "labels.txt"))
-        self.thresholds_file = tf.saved_model.Asset(posixpath.join(asset_dir, "thresholds.json"))
+        self.labels_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.LABELS_TXT))
+        self.thresholds_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.THRESHOLDS_JSON))
         label_names = tf.constant(list(labels), tf.string)
         label_thresholds = tf.constant(thresholds, tf.float32)
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=INPUT_NAME)])
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=model_files.INPUT_NAME)])
         def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
             images = preprocess_image_bytes(image_bytes, image_size, resize_policy, jpeg_quality, jpeg_subsampling)
             probabilities = tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
             chosen = probabilities >= label_thresholds
             names = tf.broadcast_to(label_names, tf.shape(probabilities))
             return {
-                "probabilities": probabilities,
-                "predicted_labels": tf.where(chosen, names, tf.constant("", tf.string)),
-                "predicted": tf.cast(chosen, tf.int32),
+                model_files.OUTPUT_PROBABILITIES: probabilities,
+                model_files.OUTPUT_PREDICTED_LABELS: tf.where(chosen, names, tf.constant("", tf.string)),
+                model_files.OUTPUT_PREDICTED: tf.cast(chosen, tf.int32),
             }
 
         self.serve = serve
@@ -327,14 +321,14 @@ def export_model(
                               "(a served version is never overwritten).")
     staging = posixpath.join(export_base, f".staging-{version}-{uuid.uuid4().hex[:8]}")
     with tempfile.TemporaryDirectory() as asset_dir:
-        with open(posixpath.join(asset_dir, "labels.txt"), "w", encoding="utf-8") as out:
-            out.write("".join(f"{label}\n" for label in labels))
-        with open(posixpath.join(asset_dir, "thresholds.json"), "w", encoding="utf-8") as out:
-            out.write(thresholds_to_json(labels, thresholds))
+        with open(posixpath.join(asset_dir, model_files.LABELS_TXT), "w", encoding="utf-8") as out:
+            out.write(labels_text(labels))
+        with open(posixpath.join(asset_dir, model_files.THRESHOLDS_JSON), "w", encoding="utf-8") as out:
+            out.write(model_files.thresholds_json(labels, thresholds))
         servable = _Servable(model, labels, thresholds, image_size, resize_policy, jpeg_quality, jpeg_subsampling,
                              asset_dir)
         try:
-            tf.saved_model.save(servable, staging, signatures={SIGNATURE_NAME: servable.serve})
+            tf.saved_model.save(servable, staging, signatures={model_files.SIGNATURE_NAME: servable.serve})
             tf.io.gfile.rename(staging, final)
         except BaseException:
             if tf.io.gfile.exists(staging):

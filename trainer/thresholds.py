@@ -11,8 +11,6 @@ no meaningful optimum and keeps 0.5.
 """
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -71,16 +69,3 @@ def tune_thresholds(y_true: np.ndarray, probs: np.ndarray, beta: float = 1.0) ->
     separates = (best < len(probs) - 1) & (midpoint > dropped) & (midpoint <= kept)
     thresholds = np.where(separates, midpoint, kept)
     return np.where(positives > 0, thresholds, DEFAULT_THRESHOLD).astype(probs.dtype)
-
-
-def thresholds_to_json(labels: Sequence[str], thresholds: np.ndarray) -> str:
-    """``{"thresholds": {label: threshold, ...}}`` in label order (the thresholds.json format)."""
-    if len(labels) != len(thresholds):
-        raise ValueError(f"{len(labels)} labels but {len(thresholds)} thresholds.")
-    return json.dumps({"thresholds": {str(k): float(t) for k, t in zip(labels, thresholds)}}, indent=2) + "\n"
-
-
-def thresholds_from_json(text: str) -> tuple[list[str], np.ndarray]:
-    """Inverse of ``thresholds_to_json``: (labels, float32 thresholds)."""
-    mapping = json.loads(text)["thresholds"]
-    return list(mapping), np.asarray(list(mapping.values()), dtype=np.float32)

@@ -23,46 +23,16 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
+from tagbeam import export as model_files, storage
+from tagbeam.dataset import SPLITS, DatasetInfo
 from trainer import data, model as model_lib
-from trainer.losses import get_loss
+from trainer.config import CACHED, DEFAULT_PATIENCE, TrainOptions
+from trainer.losses import get_loss, positive_weights
 from trainer.metrics import training_metrics
 
 log = logging.getLogger(__name__)
 
-CACHED = "cached_features"
-THROUGH_BACKBONE = "backbone"
-
-
 EXTRACTION_BATCH_SIZE = 32  # per replica; bounds the backbone's activation memory during feature extraction
-# Maximum epochs when --epochs is not given. Early stopping ends training on either path; on
-# cached features an epoch costs well under a second and a linear head on a few thousand examples
-# (15 steps per epoch at batch 256) is still improving at 30 epochs (benchmarks/README.md, quality),
-# while through the backbone every epoch is a full pass through the network.
-DEFAULT_EPOCHS = {CACHED: 300, THROUGH_BACKBONE: 30}
-# Early-stopping patience when not given (the LR is halved after half of it). On cached features
-# val loss is noisy from epoch to epoch (15 steps each) and 5 stopped the head early: held-out
-# macro-F1 0.791 / mAP 0.855 at 5 against 0.814 / 0.874 at 20 on the sample posters at 384 px.
-DEFAULT_PATIENCE = {CACHED: 20, THROUGH_BACKBONE: 5}
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    epochs: int | None = None  # None: DEFAULT_EPOCHS of the training path
-    batch_size: int = 256  # global: split across replicas
-    learning_rate: float = 1e-3
-    hidden_units: int = 0
-    dropout: float = 0.0
-    loss: str = "bce"
-    pos_weight: np.ndarray | None = None
-    seed: int | None = None
-    fine_tune_layers: int = 0
-    fine_tune_learning_rate: float = 1e-4
-    augment: str = "none"
-    early_stopping_patience: int | None = None  # None: DEFAULT_PATIENCE of the training path
-    # Fine-tuning first trains the head on cached features for at most this many epochs (early
-    # stopping usually ends it sooner; an epoch on cached features takes well under a second).
-    warm_start_epochs: int = 300
-    feature_cache: str = "auto"  # "auto": cached-feature path when it applies; "off": never
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,19 +48,19 @@ class OutputDirs:
         """The layout under `model_dir`; Vertex AI's AIP_CHECKPOINT_DIR / AIP_TENSORBOARD_LOG_DIR may move two of them."""
         return cls(
             model_dir=model_dir,
-            checkpoints=checkpoint_dir or data.join_path(model_dir, "checkpoints"),
-            backup=data.join_path(model_dir, "backup"),
-            logs=log_dir or data.join_path(model_dir, "logs"),
-            feature_cache=data.join_path(model_dir, "feature_cache"),
+            checkpoints=checkpoint_dir or storage.join(model_dir, model_files.CHECKPOINTS_DIR),
+            backup=storage.join(model_dir, model_files.BACKUP_DIR),
+            logs=log_dir or storage.join(model_dir, model_files.LOGS_DIR),
+            feature_cache=storage.join(model_dir, model_files.FEATURE_CACHE_DIR),
         )
 
     @property
     def history_csv(self) -> str:
-        return data.join_path(self.model_dir, "history.csv")
+        return storage.join(self.model_dir, model_files.HISTORY_CSV)
 
     @property
     def best_weights(self) -> str:
-        return data.join_path(self.checkpoints, "best")
+        return storage.join(self.checkpoints, "best")
 
 
 @dataclasses.dataclass
@@ -103,17 +73,6 @@ class TrainResult:
     predict: Callable[[str], tuple[np.ndarray, np.ndarray] | None]  # split -> (probabilities, labels), None if empty
 
 
-def uses_cached_features(config: TrainConfig) -> tuple[bool, str]:
-    """Whether the cached-feature path applies, and why (for the log)."""
-    if config.feature_cache == "off":
-        return False, "--feature_cache off"
-    if config.fine_tune_layers > 0:
-        return False, "the backbone is fine-tuned (--fine_tune_layers), so its features change every step"
-    if config.augment != "none":
-        return False, f"--augment {config.augment} changes the images every epoch"
-    return True, "frozen backbone and no augmentation"
-
-
 class FeatureCache:
     """Backbone features per split as .npy files, keyed by what determines them.
 
@@ -121,38 +80,31 @@ class FeatureCache:
     Files are written under a temporary name and renamed, so a killed job never leaves a partial one.
     """
 
-    def __init__(self, root: str, info: data.DatasetInfo, backbone: model_lib.Backbone) -> None:
+    def __init__(self, root: str, info: DatasetInfo, backbone: model_lib.Backbone) -> None:
         key = {
             "data_dir": info.data_dir if "://" in info.data_dir else os.path.abspath(info.data_dir),
-            "dataset_json_sha256": hashlib.sha256(json.dumps(info.meta, sort_keys=True).encode()).hexdigest(),
+            "dataset_json_sha256": hashlib.sha256(json.dumps(info.to_json(), sort_keys=True).encode()).hexdigest(),
             "handle": backbone.path if "://" in backbone.path else os.path.abspath(backbone.path),
             "image_size": info.image_size,
         }
-        self.directory = data.join_path(root, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
-        tf.io.gfile.makedirs(self.directory)
-        with tf.io.gfile.GFile(data.join_path(self.directory, "key.json"), "w") as f:
-            f.write(json.dumps(key, indent=2))
+        self.directory = storage.join(root, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16])
+        storage.write_json(storage.join(self.directory, "key.json"), key)
 
     def _paths(self, split: str) -> tuple[str, str]:
-        return data.join_path(self.directory, f"{split}-features.npy"), data.join_path(self.directory, f"{split}-labels.npy")
+        return storage.join(self.directory, f"{split}-features.npy"), storage.join(self.directory, f"{split}-labels.npy")
 
     def load(self, split: str) -> tuple[np.ndarray, np.ndarray] | None:
         paths = self._paths(split)
-        if not all(tf.io.gfile.exists(p) for p in paths):
+        if not all(storage.exists(p) for p in paths):
             return None
-        arrays = []
-        for path in paths:
-            with tf.io.gfile.GFile(path, "rb") as f:
-                arrays.append(np.load(io.BytesIO(f.read())))
-        return arrays[0], arrays[1]
+        features, labels = (np.load(io.BytesIO(storage.read_bytes(path))) for path in paths)
+        return features, labels
 
     def save(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
         for path, array in zip(self._paths(split), (features, labels)):
             buffer = io.BytesIO()
             np.save(buffer, array)
-            with tf.io.gfile.GFile(path + ".tmp", "wb") as f:
-                f.write(buffer.getvalue())
-            tf.io.gfile.rename(path + ".tmp", path, overwrite=True)
+            storage.write_bytes(path, buffer.getvalue())
 
 
 class EpochTimer(tf_keras.callbacks.Callback):
@@ -190,14 +142,14 @@ def read_history(path: str) -> dict[str, list[float]]:
     return history
 
 
-def _extract_features(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: model_lib.Backbone,
+def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
                       cache: FeatureCache, batch_size: int, timings: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     features = {}
     images, seconds = 0, 0.0
     extract = model_lib.BatchRunner(strategy, backbone.features)
     # Activation memory grows with batch x pixels, and the head's batch size says nothing about it.
     batch_size = min(batch_size, EXTRACTION_BATCH_SIZE * strategy.num_replicas_in_sync)
-    for split in data.SPLITS:
+    for split in SPLITS:
         if info.split(split).examples == 0:
             continue
         cached = cache.load(split)
@@ -238,9 +190,40 @@ def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool) ->
     ]
 
 
-def _warm_start_head(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: model_lib.Backbone,
-                     head: tf_keras.Model, config: TrainConfig, dirs: OutputDirs, timings: dict[str, float]) -> None:
-    """Trains `head` on cached features of the frozen backbone until early stopping, before fine-tuning.
+def _pos_weight(info: DatasetInfo, options: TrainOptions) -> np.ndarray | None:
+    if not options.positive_weights:
+        return None
+    return positive_weights(info.label_count_vector("train"), info.split("train").examples)
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What the fit reads: cached features per split (cached path only) and the train/val datasets."""
+
+    features: dict[str, tuple[np.ndarray, np.ndarray]]
+    train: tf.data.Dataset
+    val: tf.data.Dataset | None
+
+
+def prepare_inputs(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
+                   options: TrainOptions, dirs: OutputDirs, timings: dict[str, float], cached: bool) -> Inputs:
+    """Stage 1: backbone features of every split (cached path), or image datasets (through the backbone)."""
+    has_val = info.split("val").examples > 0
+    if cached:
+        features = _extract_features(strategy, info, backbone, FeatureCache(dirs.feature_cache, info, backbone),
+                                     options.batch_size, timings)
+        return Inputs(features,
+                      data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
+                      data.feature_dataset(*features["val"], options.batch_size) if has_val else None)
+    return Inputs({}, data.image_dataset(info, "train", options.batch_size, training=True, seed=options.seed,
+                                         augment=options.augment),
+                  data.image_dataset(info, "val", options.batch_size) if has_val else None)
+
+
+def warm_start_head(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
+                    head: tf_keras.Model, options: TrainOptions, dirs: OutputDirs, timings: dict[str, float]) -> None:
+    """Stage 2 (fine-tuning only): trains `head` on cached features of the frozen backbone until early
+    stopping.
 
     Unfreezing the backbone under a randomly initialised head sends large, noisy gradients into
     pre-trained weights and spends the first fine-tuning epochs (each a pass through the
@@ -248,16 +231,17 @@ def _warm_start_head(strategy: tf.distribute.Strategy, info: data.DatasetInfo, b
     it from the feature cache, unless the fine-tuning stage has a backup (which holds the head).
     """
     cache = FeatureCache(dirs.feature_cache, info, backbone)
-    features = _extract_features(strategy, info, backbone, cache, config.batch_size, timings)
+    features = _extract_features(strategy, info, backbone, cache, options.batch_size, timings)
     monitor = "val_loss" if "val" in features else "loss"
-    patience = config.early_stopping_patience or DEFAULT_PATIENCE[CACHED]
+    patience = options.early_stopping_patience or DEFAULT_PATIENCE[CACHED]
     with strategy.scope():
-        head.compile(optimizer=tf_keras.optimizers.Adam(config.learning_rate), loss=get_loss(config.loss, config.pos_weight))
+        head.compile(optimizer=tf_keras.optimizers.Adam(options.learning_rate),
+                     loss=get_loss(options.loss, _pos_weight(info, options)))
     start = time.perf_counter()
     history = head.fit(
-        data.feature_dataset(*features["train"], config.batch_size, training=True, seed=config.seed),
-        validation_data=data.feature_dataset(*features["val"], config.batch_size) if "val" in features else None,
-        epochs=config.warm_start_epochs, verbose=0,
+        data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
+        validation_data=data.feature_dataset(*features["val"], options.batch_size) if "val" in features else None,
+        epochs=options.warm_start_epochs, verbose=0,
         callbacks=[tf_keras.callbacks.EarlyStopping(monitor=monitor, patience=patience,
                                                     restore_best_weights=True),
                    tf_keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5,
@@ -267,64 +251,67 @@ def _warm_start_head(strategy: tf.distribute.Strategy, info: data.DatasetInfo, b
              len(history.epoch), monitor, min(history.history[monitor]), timings["warm_start_s"])
 
 
-def train(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: model_lib.Backbone,
-          config: TrainConfig, dirs: OutputDirs) -> TrainResult:
+def compile_fit_model(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
+                      head: tf_keras.Model, options: TrainOptions, cached: bool) -> tf_keras.Model:
+    """Stage 3: the model that `fit` trains - the head alone on cached features, else backbone + head
+    (with the top backbone variables on their own optimizer when fine-tuning)."""
+    with strategy.scope():
+        if cached:
+            fit_model = head
+        elif options.fine_tune_layers > 0:
+            fit_model = model_lib.build_classifier(backbone, head, info.image_size, model_lib.FineTuneModel)
+            tuned = model_lib.top_variables(backbone, options.fine_tune_layers)
+            fit_model.configure_fine_tuning(head.trainable_variables, tuned,
+                                            tf_keras.optimizers.Adam(options.fine_tune_learning_rate))
+            log.info("fine-tuning %d backbone variables (%s ... %s) at learning rate %g", len(tuned),
+                     tuned[0].name, tuned[-1].name, options.fine_tune_learning_rate)
+        else:
+            fit_model = model_lib.build_classifier(backbone, head, info.image_size)
+        fit_model.compile(
+            optimizer=tf_keras.optimizers.Adam(options.learning_rate),
+            loss=get_loss(options.loss, _pos_weight(info, options)),
+            metrics=training_metrics(info.num_labels),
+        )
+    return fit_model
+
+
+def fit(fit_model: tf_keras.Model, inputs: Inputs, options: TrainOptions, dirs: OutputDirs, resuming: bool,
+        timings: dict[str, float]) -> int:
+    """Stage 4: fits with the callbacks until early stopping, then loads the best weights across
+    restarts. Returns the epoch this run started at (> 0 after a resume)."""
+    monitor = "val_loss" if inputs.val is not None else "loss"
+    if not resuming and tf.io.gfile.exists(dirs.history_csv):
+        tf.io.gfile.remove(dirs.history_csv)  # a finished earlier run in the same model_dir
+    if inputs.val is None:
+        log.warning("the val split is empty: early stopping, LR schedule and checkpoints follow the TRAINING loss")
+    callbacks = _callbacks(dirs, monitor, options.patience, resuming)
+    start = time.perf_counter()
+    epochs = options.max_epochs
+    fit_history = fit_model.fit(inputs.train, validation_data=inputs.val, epochs=epochs, callbacks=callbacks, verbose=2)
+    timings["fit_s"] = time.perf_counter() - start
+    if tf.io.gfile.exists(dirs.best_weights + ".index"):
+        fit_model.load_weights(dirs.best_weights)  # the best epoch across restarts, not just this run
+    return fit_history.epoch[0] if fit_history.epoch else epochs
+
+
+def train(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
+          options: TrainOptions, dirs: OutputDirs) -> TrainResult:
     """Trains the head (and the top of the backbone when fine-tuning) and returns the best model."""
-    cached, reason = uses_cached_features(config)
-    path = CACHED if cached else THROUGH_BACKBONE
+    cached, reason = options.uses_cached_features()
+    path = options.path
     log.info("training path: %s (%s); %d replica(s) in sync", path, reason, strategy.num_replicas_in_sync)
     timings: dict[str, float] = {}
-    has_val = info.split("val").examples > 0
-    monitor = "val_loss" if has_val else "loss"
     size = info.image_size
 
     feature_dim = model_lib.feature_dim(strategy, backbone, size)
     with strategy.scope():
-        head = model_lib.build_head(feature_dim, info.num_labels, config.hidden_units, config.dropout, config.seed)
-    features = {}
-    if cached:
-        cache = FeatureCache(dirs.feature_cache, info, backbone)
-        features = _extract_features(strategy, info, backbone, cache, config.batch_size, timings)
-        train_data = data.feature_dataset(*features["train"], config.batch_size, training=True, seed=config.seed)
-        val_data = data.feature_dataset(*features["val"], config.batch_size) if has_val else None
-    else:
-        train_data = data.image_dataset(info, "train", config.batch_size, training=True, seed=config.seed, augment=config.augment)
-        val_data = data.image_dataset(info, "val", config.batch_size) if has_val else None
-
-    resuming = tf.train.latest_checkpoint(data.join_path(dirs.backup, "chief")) is not None
-    if config.fine_tune_layers > 0 and config.warm_start_epochs > 0 and config.feature_cache != "off" and not resuming:
-        _warm_start_head(strategy, info, backbone, head, config, dirs, timings)
-
-    with strategy.scope():
-        if cached:
-            fit_model = head
-        elif config.fine_tune_layers > 0:
-            fit_model = model_lib.build_classifier(backbone, head, size, model_lib.FineTuneModel)
-            tuned = model_lib.top_variables(backbone, config.fine_tune_layers)
-            fit_model.configure_fine_tuning(head.trainable_variables, tuned,
-                                            tf_keras.optimizers.Adam(config.fine_tune_learning_rate))
-            log.info("fine-tuning %d backbone variables (%s ... %s) at learning rate %g", len(tuned),
-                     tuned[0].name, tuned[-1].name, config.fine_tune_learning_rate)
-        else:
-            fit_model = model_lib.build_classifier(backbone, head, size)
-        fit_model.compile(
-            optimizer=tf_keras.optimizers.Adam(config.learning_rate),
-            loss=get_loss(config.loss, config.pos_weight),
-            metrics=training_metrics(info.num_labels),
-        )
-
-    if not resuming and tf.io.gfile.exists(dirs.history_csv):
-        tf.io.gfile.remove(dirs.history_csv)  # a finished earlier run in the same model_dir
-    if not has_val:
-        log.warning("the val split is empty: early stopping, LR schedule and checkpoints follow the TRAINING loss")
-    callbacks = _callbacks(dirs, monitor, config.early_stopping_patience or DEFAULT_PATIENCE[path], resuming)
-    start = time.perf_counter()
-    epochs = config.epochs or DEFAULT_EPOCHS[path]
-    fit_history = fit_model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=callbacks, verbose=2)
-    timings["fit_s"] = time.perf_counter() - start
-    if tf.io.gfile.exists(dirs.best_weights + ".index"):
-        fit_model.load_weights(dirs.best_weights)  # the best epoch across restarts, not just this run
-    initial_epoch = fit_history.epoch[0] if fit_history.epoch else epochs
+        head = model_lib.build_head(feature_dim, info.num_labels, options.hidden_units, options.dropout, options.seed)
+    inputs = prepare_inputs(strategy, info, backbone, options, dirs, timings, cached)
+    resuming = tf.train.latest_checkpoint(storage.join(dirs.backup, "chief")) is not None
+    if options.fine_tune_layers > 0 and options.warm_start_epochs > 0 and options.feature_cache != "off" and not resuming:
+        warm_start_head(strategy, info, backbone, head, options, dirs, timings)
+    fit_model = compile_fit_model(strategy, info, backbone, head, options, cached)
+    initial_epoch = fit(fit_model, inputs, options, dirs, resuming, timings)
 
     if cached:
         with strategy.scope():
@@ -341,7 +328,7 @@ def train(strategy: tf.distribute.Strategy, info: data.DatasetInfo, backbone: mo
         if info.split(split).examples == 0:
             return None
         if cached:
-            return probabilities(data.feature_dataset(*features[split], config.batch_size))
-        return probabilities(data.image_dataset(info, split, config.batch_size))
+            return probabilities(data.feature_dataset(*inputs.features[split], options.batch_size))
+        return probabilities(data.image_dataset(info, split, options.batch_size))
 
     return TrainResult(full_model, path, read_history(dirs.history_csv), initial_epoch, timings, predict)

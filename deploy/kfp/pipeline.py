@@ -4,7 +4,10 @@ Each step is a container component running the trainer image (deploy/trainer.Doc
 phase of ``python -m pipelines.retrain`` (``--step``), so the workspace layout, the reuse of the
 champion's label vocabulary, the stable split and the promotion gate live in one place - the same
 code the single-machine cron job runs in one go. The steps share ``--run_id`` (the pipeline job
-name) and hand over through the workspace, so each can run on the machine it needs:
+name) and hand over through the workspace, so each can run on the machine it needs. The pipeline
+declares no option of its own: ``retrain_flags`` (a list of `pipelines.retrain` flags - preprocessing,
+training and the promotion gate, with their defaults in one place) goes to the first step, which
+records them in the run's folder for the other two.
 
 - preprocess: a small VM that launches the Beam job on Dataflow and waits for it;
 - train: a GPU machine (MirroredStrategy uses every GPU on it);
@@ -34,7 +37,7 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
     the train step's CPU, memory and accelerator requests to a machine type)."""
 
     @dsl.container_component
-    def preprocess(workspace: str, run_id: str, manifest: str, input_format: str, project: str, region: str,
+    def preprocess(workspace: str, run_id: str, manifest: str, retrain_flags: list, project: str, region: str,
                    max_num_workers: int, machine_type: str) -> dsl.ContainerSpec:
         return dsl.ContainerSpec(
             image=image,
@@ -42,7 +45,9 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
             args=[
                 "--step", "preprocess",
                 "--workspace", workspace, "--run_id", run_id,
-                "--input", manifest, "--format", input_format,
+                "--input", manifest,
+                # A list parameter reaches the container as one JSON string.
+                "--flags_json", retrain_flags,
                 # Everything below is a Beam pipeline option, forwarded to the Dataflow job.
                 "--runner", "DataflowRunner",
                 "--project", project, "--region", region,
@@ -54,29 +59,18 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
             ],
         )
 
-    @dsl.container_component
-    def train(workspace: str, run_id: str, epochs: int, batch_size: int, learning_rate: float) -> dsl.ContainerSpec:
-        return dsl.ContainerSpec(
-            image=image,
-            command=RETRAIN,
-            args=[
-                "--step", "train",
-                "--workspace", workspace, "--run_id", run_id,
-                "--epochs", epochs, "--batch_size", batch_size, "--learning_rate", learning_rate,
-            ],
-        )
+    def later_step(step: str, workspace: str, run_id: str) -> dsl.ContainerSpec:
+        # Runs with the flags the preprocess step recorded for this run.
+        return dsl.ContainerSpec(image=image, command=RETRAIN,
+                                 args=["--step", step, "--workspace", workspace, "--run_id", run_id])
 
     @dsl.container_component
-    def promote(workspace: str, run_id: str, tolerance: float, min_metric: float) -> dsl.ContainerSpec:
-        return dsl.ContainerSpec(
-            image=image,
-            command=RETRAIN,
-            args=[
-                "--step", "promote",
-                "--workspace", workspace, "--run_id", run_id,
-                "--tolerance", tolerance, "--min_metric", min_metric,
-            ],
-        )
+    def train(workspace: str, run_id: str) -> dsl.ContainerSpec:
+        return later_step("train", workspace, run_id)
+
+    @dsl.container_component
+    def promote(workspace: str, run_id: str) -> dsl.ContainerSpec:
+        return later_step("promote", workspace, run_id)
 
     @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.split("\n\n")[0])
     def retrain_pipeline(
@@ -84,24 +78,18 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
         region: str,
         workspace: str,
         manifest: str,
-        input_format: str = "movie_genre",
+        retrain_flags: list = [],  # noqa: B006 - KFP needs a literal default
         max_num_workers: int = 20,
         machine_type: str = "n1-standard-4",
-        epochs: int = 300,  # the trainer's default on cached features; early stopping ends it
-        batch_size: int = 256,
-        learning_rate: float = 1e-3,
-        tolerance: float = 0.01,
-        min_metric: float = 0.2,
     ) -> None:
         # The job name is unique per run: it names the run's folder in the workspace.
         run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
-        prep = preprocess(workspace=workspace, run_id=run_id, manifest=manifest, input_format=input_format,
+        prep = preprocess(workspace=workspace, run_id=run_id, manifest=manifest, retrain_flags=retrain_flags,
                           project=project, region=region, max_num_workers=max_num_workers, machine_type=machine_type)
-        fit = train(workspace=workspace, run_id=run_id, epochs=epochs, batch_size=batch_size,
-                    learning_rate=learning_rate).after(prep)
+        fit = train(workspace=workspace, run_id=run_id).after(prep)
         fit.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
         fit.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
-        gate = promote(workspace=workspace, run_id=run_id, tolerance=tolerance, min_metric=min_metric).after(fit)
+        gate = promote(workspace=workspace, run_id=run_id).after(fit)
         # A scheduled run sees the same parameters every time while the manifest's content changes:
         # a cached step would silently skip the new data.
         for task in (prep, fit, gate):

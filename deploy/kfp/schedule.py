@@ -7,9 +7,15 @@ tested) without GCP. Example (weekly, Mondays 03:00 Paris time):
     python deploy/kfp/schedule.py --project my-project --region us-central1 \\
       --template deploy/kfp/pipeline.yaml --pipeline_root gs://my-bucket/tagbeam/pipeline-root \\
       --workspace gs://my-bucket/tagbeam/workspace --manifest gs://my-bucket/tagbeam/MovieGenre.csv \\
+      --retrain_flags '["--format", "movie_genre", "--min_metric", "0.2"]' \\
       --cron "TZ=Europe/Paris 0 3 * * 1" --service_account tagbeam@my-project.iam.gserviceaccount.com
+
+--retrain_flags are `python -m pipelines.retrain` flags (preprocessing, training, promotion gate),
+checked here by retrain's own parser before anything is scheduled, so a typo fails now rather
+than at 03:00 on Monday.
 """
 import argparse
+import json
 from typing import Any
 
 
@@ -40,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline_root", required=True, help="gs:// folder for Vertex AI Pipelines' own outputs")
     p.add_argument("--workspace", required=True, help="retraining workspace (gs://), as for pipelines.retrain")
     p.add_argument("--manifest", required=True, help="the current manifest (gs://), re-read at every run")
-    p.add_argument("--format", default="movie_genre", help="manifest format, as pipelines.preprocess --format")
+    p.add_argument("--retrain_flags", type=_retrain_flags, default=[],
+                   help='JSON list of pipelines.retrain flags for every run, e.g. \'["--format", "movie_genre"]\'')
     p.add_argument("--cron", default="0 3 * * 1",
                    help='cron expression, optionally prefixed "TZ=Area/City " (default: Mondays 03:00 UTC)')
     p.add_argument("--service_account", default=None,
@@ -49,10 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _retrain_flags(text: str) -> list[str]:
+    """A JSON list of strings that pipelines.retrain accepts (its parser exits 2 on a bad flag)."""
+    from pipelines import retrain
+
+    try:
+        flags = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(flags, list) or not all(isinstance(f, str) for f in flags):
+        raise argparse.ArgumentTypeError("give a JSON list of strings")
+    retrain.parse_args(["--workspace", "gs://check/only", *flags])
+    return flags
+
+
 def pipeline_parameters(args: argparse.Namespace) -> dict[str, Any]:
     """The compiled pipeline's input values; the others keep their defaults (deploy/kfp/pipeline.py)."""
     return {"project": args.project, "region": args.region, "workspace": args.workspace,
-            "manifest": args.manifest, "input_format": args.format}
+            "manifest": args.manifest, "retrain_flags": args.retrain_flags}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ The build is deterministic for a seed and idempotent: ``sample_data.json``, writ
 the options, so a second run with the same options does nothing. A build goes to a hidden sibling
 directory that is renamed into place only when complete.
 
-    python -m pipelines.sample_data --output DIR [--posters N] [--heldout_posters N]
+    python -m sample_data --output DIR [--posters N] [--heldout_posters N]
         [--poster_size WxH] [--seed S] [--chips/--no_chips]
 """
 from __future__ import annotations
@@ -24,7 +24,6 @@ import csv
 import json
 import os
 import shutil
-import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -34,13 +33,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipelines import sample_sources
+from pipelines.manifests import MOVIE_GENRE_COLUMNS, PLANET_COLUMNS
+from sample_data import sources as sample_sources
 
 MARKER = "sample_data.json"
 # Bump when the output changes for the same options, so that old builds are rebuilt.
 FORMAT_VERSION = 1
-MOVIE_GENRE_HEADER = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
-PLANET_HEADER = ("image_name", "tags")
 FIRST_IMDB_ID = 1_000_001
 JPEG_QUALITY = 90
 CHIP_SIZE = 256
@@ -157,7 +155,7 @@ def build_posters(out_dir: Path, train_count: int, heldout_count: int, size: tup
             counts[side] = Counter()
             with open(out_dir / manifest, "w", newline="") as manifest_file:
                 writer = csv.writer(manifest_file, lineterminator="\n")
-                writer.writerow(MOVIE_GENRE_HEADER)
+                writer.writerow(MOVIE_GENRE_COLUMNS)
                 for plan in plan_posters(labels, count, first_id, size, rng):
                     relative = f"images/tt{plan.imdb_id}.jpg"
                     render_poster(plan, images, size).save(out_dir / relative, quality=JPEG_QUALITY)
@@ -189,7 +187,7 @@ def build_chips(out_dir: Path) -> tuple[Counter, Counter]:
     sources_count: Counter = Counter()
     with open(out_dir / "train_v2.csv", "w", newline="") as manifest_file:
         writer = csv.writer(manifest_file, lineterminator="\n")
-        writer.writerow(PLANET_HEADER)
+        writer.writerow(PLANET_COLUMNS)
         for patch in sample_sources.bigearthnet_patches():
             name = f"ben_{patch.name}"
             render_chip(patch.rgb).save(image_dir / f"{name}.jpg", quality=JPEG_QUALITY)
@@ -308,7 +306,7 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.sample_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sample_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, type=Path, help="directory to build into")
     parser.add_argument("--posters", type=int, default=5000, help="train-side posters (Fashion-MNIST train)")
     parser.add_argument("--heldout_posters", type=int, default=1000, help="held-out posters (Fashion-MNIST t10k)")
@@ -326,6 +324,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     build(args.output, args.posters, args.heldout_posters, args.poster_size, args.seed, args.chips)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

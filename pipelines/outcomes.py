@@ -1,0 +1,55 @@
+"""How a row's outcome is reported, in one place: Beam counters (namespace "tagbeam"), the
+`rejected` output tag, and the dead-letter record (tagbeam.dataset.Rejection).
+
+A rejection is counted as `rejected_<stage>_<reason>` where it is made, so the counters and the
+dead letter always agree.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+
+from tagbeam import storage
+from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection
+
+COUNTER_NAMESPACE = "tagbeam"
+REJECTED_TAG = "rejected"
+
+
+@functools.lru_cache(maxsize=None)
+def _counter(name: str) -> Any:
+    # Beam counters resolve the current metrics container at inc() time, so one object per name
+    # can serve every bundle; creating one per increment was measurable per-image overhead.
+    return beam.metrics.Metrics.counter(COUNTER_NAMESPACE, name)
+
+
+def count(name: str, n: int = 1) -> None:
+    _counter(name).inc(n)
+
+
+def rejection(file: str, row: int, id_: str, uri: str, stage: str, reason: str, detail: str) -> Rejection:
+    """A dead-letter record, counted."""
+    count(f"rejected_{stage}_{reason}")
+    return Rejection(file, row, id_, uri, stage, reason, detail)
+
+
+def reject_row(row: Any, stage: str, reason: str, detail: str) -> Rejection:
+    """The dead-letter record of a manifest Row (pipelines.manifests.Row), counted."""
+    return rejection(row.file, row.row, row.id, row.uri, stage, reason, detail)
+
+
+def rejected(record: Rejection) -> beam.pvalue.TaggedOutput:
+    return beam.pvalue.TaggedOutput(REJECTED_TAG, record)
+
+
+def write_rejected(parts: Sequence[beam.PCollection], output: str) -> beam.PCollection:
+    """The dead letter, rejected-*.jsonl, from every step's rejections; returns its file names."""
+    return (tuple(parts)
+            | "AllRejected" >> beam.Flatten()
+            | "ToJson" >> beam.Map(lambda r: r.to_json())
+            | "WriteRejected" >> beam.io.WriteToText(storage.join(output, REJECTED_PREFIX),
+                                                     file_name_suffix=REJECTED_SUFFIX,
+                                                     shard_name_template=SHARD_TEMPLATE))

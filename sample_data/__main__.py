@@ -1,0 +1,6 @@
+"""`python -m sample_data --output DIR`: builds the embedded default datasets (see the package docstring)."""
+import sys
+
+from sample_data import main
+
+sys.exit(main())

@@ -1,0 +1,105 @@
+"""What `trainer.task` hands to everyone else: the model directory and the serving SavedModel.
+
+`pipelines.predict` and `pipelines.retrain` read exports through these names; trainer/serving.py
+writes them. An export is TF Serving's layout: `<model_dir>/export/<version>/` with
+`saved_model.pb`, `variables/` and `assets/`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tagbeam import dataset, storage
+
+# --- the model directory (--model_dir) ------------------------------------------------------------
+EXPORT_DIR = "export"
+RUN_JSON = "run.json"
+METRICS_JSON = "metrics.json"
+HISTORY_JSON = "history.json"
+HISTORY_CSV = "history.csv"
+THRESHOLDS_JSON = "thresholds.json"
+LABELS_TXT = dataset.LABELS_TXT
+CHECKPOINTS_DIR = "checkpoints"
+BACKUP_DIR = "backup"
+LOGS_DIR = "logs"
+FEATURE_CACHE_DIR = "feature_cache"
+
+# --- the SavedModel -------------------------------------------------------------------------------
+SIGNATURE_NAME = "serving_default"
+INPUT_NAME = "image_bytes"  # a batch of encoded images; "_bytes" marks binary input for Vertex AI / AI Platform
+OUTPUT_PROBABILITIES = "probabilities"  # float32 [B, K]
+OUTPUT_PREDICTED_LABELS = "predicted_labels"  # string [B, K]: the label where its threshold is reached, else ""
+OUTPUT_PREDICTED = "predicted"  # int32 [B, K]: 0/1
+ASSETS_DIR = "assets"
+SAVED_MODEL_PB = "saved_model.pb"
+
+
+def asset_path(export_dir: str, name: str) -> str:
+    return storage.join(export_dir, ASSETS_DIR, name)
+
+
+def thresholds_json(labels: Sequence[str], thresholds: Sequence[float]) -> str:
+    """thresholds.json: ``{"thresholds": {label: threshold, ...}}`` in label order."""
+    if len(labels) != len(thresholds):
+        raise ValueError(f"{len(labels)} labels but {len(thresholds)} thresholds.")
+    return json.dumps({"thresholds": {str(k): float(t) for k, t in zip(labels, thresholds)}}, indent=2) + "\n"
+
+
+def parse_thresholds_json(text: str) -> tuple[list[str], list[float]]:
+    mapping = json.loads(text)["thresholds"]
+    return list(mapping), [float(v) for v in mapping.values()]
+
+
+def read_labels(export_dir: str) -> list[str]:
+    return dataset.read_labels(asset_path(export_dir, LABELS_TXT))
+
+
+def read_thresholds(export_dir: str) -> tuple[list[str], list[float]]:
+    return parse_thresholds_json(storage.read_text(asset_path(export_dir, THRESHOLDS_JSON)))
+
+
+def newest_version(export_base: str) -> str | None:
+    """The numeric version folder with the highest number under `export_base`, or None."""
+    versions = []
+    for path in storage.match(storage.join(export_base, "*", SAVED_MODEL_PB)):
+        folder = path[: -len(SAVED_MODEL_PB)].rstrip("/")
+        name = folder.rsplit("/", 1)[-1]
+        if name.isdigit():
+            versions.append((int(name), folder))
+    return max(versions)[1] if versions else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """run.json: what a finished `trainer.task` run did. Written last, after the export."""
+
+    flags: Mapping[str, Any]  # every option of the run, as parsed
+    export_path: str
+    dataset_json: str = ""
+    backbone: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    training_path: str = ""
+    num_replicas_in_sync: int = 1
+    devices: Sequence[str] = ()
+    initial_epoch: int = 0
+    epochs_completed: int = 0
+    thresholds_tuned_on: str = "val"
+    val_macro_f1_tuned: float | None = None
+    test_macro_f1_tuned: float | None = None
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    tensorflow: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "devices": list(self.devices)}
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> "RunInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in meta.items() if k in known})
+
+
+def read_run_info(model_dir: str) -> RunInfo | None:
+    """The run.json of `model_dir`, or None when no run finished there."""
+    meta = storage.read_json_if_exists(storage.join(model_dir, RUN_JSON))
+    return RunInfo.from_json(meta) if meta and meta.get("export_path") else None
