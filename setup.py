@@ -5,14 +5,17 @@ lives in an importable module rather than in ``__main__``.
 """
 import setuptools
 
-# Ranges that resolve together on Python 3.11 (see ../shared/notes/stack.md): tfx-bsl 1.21
-# pins TensorFlow to 2.21.x, and Beam 2.77 caps pyarrow, numpy and pillow.
+# Ranges that resolve together on Python 3.11, 3.12 and 3.13 (see ../shared/notes/stack.md): tfx-bsl
+# 1.21 pins TensorFlow to 2.21.x, and Beam 2.77 caps pyarrow, numpy and pillow. No setuptools cap:
+# tensorflow-hub's one use of pkg_resources is bridged in trainer/hub.py.
 REQUIRED = [
     "tensorflow>=2.21,<2.22",
     "tf-keras>=2.21,<2.22",
     # tf_keras' TensorBoard callback needs it and TensorFlow 2.21 no longer pulls it in.
     "tensorboard>=2.21,<2.22",
     "tensorflow-hub==0.16.1",
+    # trainer/hub.py gives tensorflow-hub packaging's version parser where setuptools 81+ has no pkg_resources.
+    "packaging>=22",
     "tensorflow-transform>=1.21,<1.22",
     "apache-beam[gcp]>=2.77,<2.78",
     "google-cloud-storage>=3.0,<4",
@@ -49,7 +52,13 @@ setuptools.setup(
     name="tagbeam",
     version="0.1.0",
     description="Multi-label image classification at scale: Beam preprocessing, TF training, servable models.",
-    python_requires=">=3.11,<3.12",
+    # Every supported version is tested in CI: the suite on 3.11, scripts/smoke.sh on 3.13.
+    python_requires=">=3.11,<3.14",
+    classifiers=[
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
+    ],
     packages=setuptools.find_packages(include=["tagbeam", "tagbeam.*", "pipelines", "pipelines.*", "trainer", "trainer.*"]),
     package_data={"trainer": ["imagenet_classes.txt"]},
     install_requires=REQUIRED,

@@ -11,8 +11,12 @@ ENV PYTHONUNBUFFERED=1 \
     TF_CPP_MIN_LOG_LEVEL=1 \
     TAGBEAM_CACHE_DIR=/opt/tagbeam-cache
 
-# setup.py admits Python 3.11 only; fail here, with the reason, if a new base image moves Python.
-RUN python -c "import sys; assert sys.version_info[:2] == (3, 11), 'setup.py needs Python 3.11, the base image has ' + sys.version"
+# The base image's Python (3.11) must be one setup.py admits (tests/test_deploy.py checks the two
+# agree); fail here, with the reason, if a new base image moves it. pip and setuptools are pinned to
+# current releases - setuptools 81+ has no pkg_resources, which trainer/hub.py bridges for
+# tensorflow-hub - the same kind of tooling scripts/smoke.sh installs as a new user's venv would.
+RUN python -c "import sys; assert sys.version_info[:2] == (3, 11), 'expected Python 3.11, the base image has ' + sys.version" \
+ && pip install --upgrade "pip==26.3" "setuptools==84.2.1"
 
 # The source tree stays in the image: the KFP preprocess step launches Dataflow from here with
 # --setup_file /opt/tagbeam/src/setup.py, which packages this same code for the workers.

@@ -31,7 +31,7 @@ from pipelines.images import ImageOptions
 from pipelines.manifests import Row
 from pipelines.options import ManifestOptions, OutputOptions, PredictOptions
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, write_rejected
-from tagbeam import export as model_files, flags, storage
+from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE
 from tagbeam.flags import UsageError
 from tagbeam.workspace import Workspace
@@ -291,4 +291,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    console.quiet_native_logs()
     sys.exit(main())

@@ -38,7 +38,7 @@ from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
 from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, write_rejected
 from pipelines.shards import ShardPlan, WriteShards
-from tagbeam import flags, storage
+from tagbeam import console, flags, storage
 from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT
 from tagbeam.flags import UsageError
 
@@ -226,4 +226,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    console.quiet_native_logs()
     sys.exit(main())

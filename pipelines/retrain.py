@@ -28,7 +28,7 @@ from typing import Any
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, SplitOptions
-from tagbeam import export as model_files, flags, storage
+from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import DATASET_JSON
 from tagbeam.flags import UsageError, at_least, option, positive
 from tagbeam.workspace import Champion, Workspace
@@ -337,6 +337,11 @@ def run(job: RetrainJob) -> int:
         record["pruned"] = prune_runs(workspace, job.retrain.keep_versions, current and current.run_id)
     record["seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     workspace.append_history(record)
+    current = workspace.champion()
+    reason = f" ({record['decision']['reason']})" if "decision" in record else ""
+    print(f"[retrain] run {run_id}: {record['outcome']}{reason} in {record['seconds']:.0f} s; champion "
+          f"{current.run_id + ' ' + current.export_path if current else 'none yet'}; run folder "
+          f"{workspace.run_dir(run_id)}; history {workspace.history_file}")
     return 0
 
 
@@ -354,4 +359,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    console.quiet_native_logs()
     sys.exit(main())

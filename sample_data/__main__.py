@@ -2,5 +2,7 @@
 import sys
 
 from sample_data import main
+from tagbeam import console
 
+console.quiet_native_logs()
 sys.exit(main())

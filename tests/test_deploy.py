@@ -544,3 +544,43 @@ def test_schedules_and_job_specs_do_not_restate_defaults(monkeypatch):
     assert not any(problems.values()), problems
     # The check itself bites: restating --tolerance's default is caught.
     assert _restated_defaults(retrain.build_parser(), ["--workspace", "w", "--tolerance", "0.01"]) == ["--tolerance=0.01"]
+
+
+def _python_requires() -> SpecifierSet:
+    return SpecifierSet(re.search(r"python_requires=\"([^\"]+)\"", (REPO / "setup.py").read_text()).group(1))
+
+
+def test_supported_pythons_agree_everywhere():
+    supported = re.search(r"^SUPPORTED=\(([^)]*)\)", (REPO / "scripts/find_python.sh").read_text(), re.M).group(1).split()
+    requires = _python_requires()
+    assert all(f"{v}.0" in requires for v in supported)
+    assert not any(f"3.{minor}.0" in requires for minor in range(0, 20) if f"3.{minor}" not in supported), (
+        "setup.py admits a Python that scripts/find_python.sh (and so CI) never tests")
+    classifiers = set(re.findall(r"Programming Language :: Python :: (3\.\d+)", (REPO / "setup.py").read_text()))
+    assert classifiers == set(supported)
+    smoke = (REPO / "scripts/smoke.sh").read_text()
+    assert f'version="${{1:-{supported[-1]}}}"' in smoke, "the smoke test runs on the newest supported Python"
+    ci = (REPO / ".ci/run").read_text()
+    assert "scripts/test.sh" in ci and "scripts/smoke.sh" in ci
+
+
+def test_trainer_image_pins_a_supported_python_and_current_setuptools():
+    text = (DEPLOY / "trainer.Dockerfile").read_text()
+    runs = " ".join(rest for _, name, rest in _dockerfile_instructions(text) if name == "RUN")
+    major, minor = re.search(r"sys\.version_info\[:2\] == \((\d+), (\d+)\)", runs).groups()
+    assert f"{major}.{minor}.0" in _python_requires()
+    setuptools = re.search(r'"setuptools==(\d+)\.[\d.]+"', runs)
+    assert setuptools and int(setuptools.group(1)) >= 81, (
+        "pin a setuptools without pkg_resources (81+): the image must run the path trainer/hub.py bridges")
+
+
+def test_hub_imports_without_pkg_resources():
+    # setuptools 81+ has no pkg_resources; tensorflow-hub 0.16.1 imports it. trainer.hub bridges that
+    # one use and leaves no stand-in behind.
+    script = ("import sys; sys.modules['pkg_resources'] = None\n"
+              "from trainer.hub import hub\n"
+              "assert hub.KerasLayer and hub.resolve\n"
+              "try:\n    import pkg_resources\nexcept ImportError:\n    print('ok')\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

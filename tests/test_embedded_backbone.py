@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-import tensorflow_hub as hub
+from trainer.hub import hub
 import tf_keras
 from PIL import Image
 from skimage import data
@@ -203,7 +203,7 @@ import numpy as np
 import tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-import tensorflow_hub as hub
+from trainer.hub import hub
 import tf_keras
 strategy = tf.distribute.MirroredStrategy()
 with strategy.scope():

@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-import tensorflow_hub as hub
+from trainer.hub import hub
 import tf_keras
 
 from backbone_factory import write_backbone

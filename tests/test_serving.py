@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import skimage.data
 import tensorflow as tf
-import tensorflow_hub as hub
+from trainer.hub import hub
 import tf_keras
 from backbone_factory import write_backbone
 from PIL import Image, ImageOps

@@ -499,4 +499,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from tagbeam import console
+
+    console.quiet_native_logs()
     raise SystemExit(_main())

@@ -14,9 +14,10 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
-import tensorflow_hub as hub
+from trainer.hub import hub
 import tf_keras
 
+from tagbeam.console import Progress
 from trainer.embedded_backbone import INFO_FILE
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ class BatchRunner:
 
         self._step = step
 
-    def __call__(self, dataset: tf.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, dataset: tf.data.Dataset, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
         def pad(inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             count = tf.shape(inputs)[0]
             rows = -(-count // self._replicas) * self._replicas
@@ -276,6 +277,8 @@ class BatchRunner:
         for batch in self._strategy.experimental_distribute_dataset(dataset.map(pad)):
             for results, values in zip((outputs, labels, real), self._step(*batch)):
                 results.extend(t.numpy() for t in local(values))
+            if progress:
+                progress.update(int(sum(r.sum() for r in real[-self._replicas:])))
         if not outputs:
             raise ValueError("BatchRunner got an empty dataset")
         keep = np.concatenate(real)

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagbeam import export as model_files, flags, storage
+from tagbeam import console, export as model_files, flags, storage
+from tagbeam.dataset import DATASET_JSON
 from trainer.config import TaskOptions, TrainOptions
 
 if TYPE_CHECKING:  # imported lazily below: --help and flag errors must not wait for TensorFlow
@@ -78,6 +79,7 @@ class Evaluation:
 
 def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, tf.distribute.Strategy, Backbone]:
     """Stage 1: the dataset's description, the distribution strategy and the backbone."""
+    import tensorflow as tf
     import tf_keras
 
     from tagbeam import dataset
@@ -89,7 +91,7 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
                                    "rejected-*.jsonl and its split fractions, then rerun `python -m pipelines.preprocess`")
     strategy = model_lib.setup_strategy(options.cpu_replicas)
     export_base = storage.join(task.model_dir, model_files.EXPORT_DIR)
-    if task.version is not None and storage.exists(storage.join(export_base, str(task.version), model_files.SAVED_MODEL_PB)):
+    if task.version is not None and tf.io.gfile.exists(storage.join(export_base, str(task.version))):
         raise UsageError(f"--version {task.version}: {export_base}/{task.version} already exists; "
                          "pick another version (served versions are never overwritten)")
     if options.seed is not None:
@@ -173,7 +175,7 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
     epochs_done = len(result.history.get("loss", []))
     run_info = model_files.RunInfo(
         flags=flag_record or {**dataclasses.asdict(task), **dataclasses.asdict(options)},
-        dataset_json=storage.join(info.data_dir, "dataset.json"),
+        dataset_json=storage.join(info.data_dir, DATASET_JSON),
         backbone={"handle": backbone.handle, "path": backbone.path, "info": backbone.info},
         training_path=result.path,
         num_replicas_in_sync=strategy.num_replicas_in_sync,
@@ -188,13 +190,22 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
         tensorflow=tf.__version__,
     ).to_json()
     storage.write_json(storage.join(task.model_dir, model_files.RUN_JSON), run_info)  # last: the run is done
-    log.info(
-        "done: %d epoch(s) on the %s path with %d replica(s) in %.0f s; macro-F1 at tuned thresholds: "
-        "%s %.3f, test %s; exported to %s",
-        epochs_done, result.path, strategy.num_replicas_in_sync, run_info["timings"]["total_s"], evaluation.tuned_on,
-        evaluation.val_f1, "skipped" if evaluation.test_f1 is None else f"{evaluation.test_f1:.3f}", export_path,
-    )
+    print(summary(task.model_dir, export_path, run_info, evaluation))
     return RunOutcome(result, evaluation.thresholds, evaluation.metrics, export_path, run_info)
+
+
+def summary(model_dir: str, export_path: str, run_info: dict[str, Any], evaluation: Evaluation) -> str:
+    """What the run did and wrote where, for the end of the command's output."""
+    test = "no test split" if evaluation.test_f1 is None else f"test {evaluation.test_f1:.3f}"
+    lines = [f"[trainer] {run_info['epochs_completed']} epoch(s) on the {run_info['training_path']} path, "
+             f"{run_info['num_replicas_in_sync']} replica(s), {run_info['timings']['total_s']:.0f} s; macro-F1 at tuned "
+             f"thresholds: {evaluation.tuned_on} {evaluation.val_f1:.3f}, {test}",
+             f"  SavedModel (serving_default: {model_files.INPUT_NAME} -> probabilities, predicted_labels): {export_path}"]
+    written = [(model_files.METRICS_JSON, "test metrics"), (model_files.THRESHOLDS_JSON, "per-label thresholds"),
+               (model_files.RUN_JSON, "flags, timings"), (model_files.HISTORY_CSV, "every epoch")]
+    lines += [f"  {what}: {storage.join(model_dir, name)}" for name, what in written
+              if storage.exists(storage.join(model_dir, name))]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     # TensorFlow's own INFO lines (one per all-reduce) would drown the trainer's progress lines.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trainer").setLevel(logging.INFO)
+    # Keras times every callback per batch and warns when ours (backups, TensorBoard) outlast a
+    # millisecond batch of the linear head: true, and nothing to act on.
+    logging.getLogger("tensorflow").addFilter(lambda record: "is slow compared to the batch time" not in record.getMessage())
     from tagbeam.dataset import DatasetError
     from trainer.model import BackboneError
 
@@ -212,4 +226,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    console.quiet_native_logs()
     sys.exit(main())

@@ -24,6 +24,7 @@ import tensorflow as tf
 import tf_keras
 
 from tagbeam import export as model_files, storage
+from tagbeam.console import Progress
 from tagbeam.dataset import SPLITS, DatasetInfo
 from trainer import data, model as model_lib
 from trainer.config import CACHED, DEFAULT_PATIENCE, TrainOptions
@@ -107,12 +108,21 @@ class FeatureCache:
             storage.write_bytes(path, buffer.getvalue())
 
 
-class EpochTimer(tf_keras.callbacks.Callback):
-    """Adds `epoch_time_s` to each epoch's logs (so CSVLogger and History record it)."""
+class EpochProgress(tf_keras.callbacks.Callback):
+    """Adds `epoch_time_s` to each epoch's logs (so CSVLogger and History record it), and logs one
+    progress line every `every_s` seconds (and for the first and the last epoch) instead of Keras'
+    line per epoch: a run on cached features does hundreds of sub-second epochs. Every epoch stays
+    in history.csv and TensorBoard."""
 
-    def __init__(self) -> None:
+    _SHOWN = ("loss", "val_loss", "macro_f1", "val_macro_f1")
+
+    def __init__(self, epochs: int, monitor: str, every_s: float = 10.0) -> None:
         super().__init__()
+        self._epochs, self._monitor, self._every_s = epochs, monitor, every_s
         self.first_epoch: int | None = None
+        self._best: tuple[float, int] | None = None
+        self._last_line = 0.0
+        self._last: tuple[int, dict] | None = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self.first_epoch is None:
@@ -122,8 +132,31 @@ class EpochTimer(tf_keras.callbacks.Callback):
         self._start = time.perf_counter()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if logs is not None:
-            logs["epoch_time_s"] = time.perf_counter() - self._start
+        logs = logs if logs is not None else {}
+        logs["epoch_time_s"] = time.perf_counter() - self._start
+        value = logs.get(self._monitor)
+        if value is not None and (self._best is None or value < self._best[0]):
+            self._best = (float(value), epoch + 1)
+        self._last = (epoch, dict(logs))
+        if epoch == self.first_epoch or time.monotonic() - self._last_line >= self._every_s:
+            self._log_line(epoch, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._last is None:
+            return
+        epoch, last = self._last
+        if self._last_line and epoch != self.first_epoch:
+            self._log_line(epoch, last)
+        stopped = "early stopping" if epoch + 1 < self._epochs else "maximum epochs"
+        best = f"best {self._monitor} {self._best[0]:.4f} at epoch {self._best[1]}" if self._best else ""
+        log.info("training ended after epoch %d/%d (%s); %s", epoch + 1, self._epochs, stopped, best)
+
+    def _log_line(self, epoch: int, logs: dict) -> None:
+        self._last_line = time.monotonic()
+        values = ", ".join(f"{k} {logs[k]:.4f}" for k in self._SHOWN if k in logs)
+        lr = getattr(getattr(self.model, "optimizer", None), "learning_rate", None)
+        rate = f", lr {float(tf_keras.backend.get_value(lr)):.2g}" if lr is not None else ""
+        log.info("epoch %d/%d: %s%s (%.2f s/epoch)", epoch + 1, self._epochs, values, rate, logs["epoch_time_s"])
 
 
 def read_history(path: str) -> dict[str, list[float]]:
@@ -158,9 +191,10 @@ def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backb
             features[split] = cached
             continue
         start = time.perf_counter()
-        outputs, labels = extract(data.image_dataset(info, split, batch_size))
+        progress = Progress(log, f"{split}: backbone features", info.split(split).examples)
+        outputs, labels = extract(data.image_dataset(info, split, batch_size), progress)
         elapsed = time.perf_counter() - start
-        log.info("%s: extracted %s features in %.1f s (%.0f images/s)", split, outputs.shape, elapsed, len(outputs) / elapsed)
+        progress.finish()
         cache.save(split, outputs, labels)
         features[split] = (outputs, labels)
         images, seconds = images + len(outputs), seconds + elapsed
@@ -170,18 +204,19 @@ def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backb
     return features
 
 
-def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool) -> list[tf_keras.callbacks.Callback]:
+def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool, epochs: int
+               ) -> list[tf_keras.callbacks.Callback]:
     # Restarting from a backup must not let a worse post-restart epoch overwrite the best
     # checkpoint written before the kill. The monitor is a loss: lower is better.
     previous = read_history(dirs.history_csv).get(monitor) if resuming else None
     best_so_far = min(previous) if previous else None
     return [
         tf_keras.callbacks.TerminateOnNaN(),
-        EpochTimer(),
+        EpochProgress(epochs, monitor),
         tf_keras.callbacks.ModelCheckpoint(dirs.best_weights, monitor=monitor, save_best_only=True,
                                            save_weights_only=True, initial_value_threshold=best_so_far),
-        tf_keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True, verbose=1),
-        tf_keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=max(1, patience // 2), min_lr=1e-7, verbose=1),
+        tf_keras.callbacks.EarlyStopping(monitor=monitor, patience=patience, restore_best_weights=True),
+        tf_keras.callbacks.ReduceLROnPlateau(monitor=monitor, factor=0.5, patience=max(1, patience // 2), min_lr=1e-7),
         tf_keras.callbacks.TensorBoard(dirs.logs, write_graph=False),
         # Logged before the backup is written: a kill in between makes the epoch run twice
         # (read_history keeps the rerun's row) rather than vanish from the history.
@@ -284,10 +319,10 @@ def fit(fit_model: tf_keras.Model, inputs: Inputs, options: TrainOptions, dirs: 
         tf.io.gfile.remove(dirs.history_csv)  # a finished earlier run in the same model_dir
     if inputs.val is None:
         log.warning("the val split is empty: early stopping, LR schedule and checkpoints follow the TRAINING loss")
-    callbacks = _callbacks(dirs, monitor, options.patience, resuming)
-    start = time.perf_counter()
     epochs = options.max_epochs
-    fit_history = fit_model.fit(inputs.train, validation_data=inputs.val, epochs=epochs, callbacks=callbacks, verbose=2)
+    callbacks = _callbacks(dirs, monitor, options.patience, resuming, epochs)
+    start = time.perf_counter()
+    fit_history = fit_model.fit(inputs.train, validation_data=inputs.val, epochs=epochs, callbacks=callbacks, verbose=0)
     timings["fit_s"] = time.perf_counter() - start
     if tf.io.gfile.exists(dirs.best_weights + ".index"):
         fit_model.load_weights(dirs.best_weights)  # the best epoch across restarts, not just this run
