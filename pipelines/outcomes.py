@@ -7,7 +7,6 @@ dead letter always agree.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -45,11 +44,16 @@ def rejected(record: Rejection) -> beam.pvalue.TaggedOutput:
     return beam.pvalue.TaggedOutput(REJECTED_TAG, record)
 
 
-def write_rejected(parts: Sequence[beam.PCollection], output: str) -> beam.PCollection:
-    """The dead letter, rejected-*.jsonl, from every step's rejections; returns its file names."""
-    return (tuple(parts)
-            | "AllRejected" >> beam.Flatten()
-            | "ToJson" >> beam.Map(lambda r: r.to_json())
-            | "WriteRejected" >> beam.io.WriteToText(storage.join(output, REJECTED_PREFIX),
-                                                     file_name_suffix=REJECTED_SUFFIX,
-                                                     shard_name_template=SHARD_TEMPLATE))
+class WriteRejected(beam.PTransform):
+    """The dead letter, rejected-*.jsonl, from a tuple of every step's rejections; yields its file names."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self._output = output
+
+    def expand(self, parts: tuple[beam.PCollection, ...]) -> beam.PCollection:
+        return (parts
+                | "All" >> beam.Flatten()
+                | "ToJson" >> beam.Map(lambda r: r.to_json())
+                | "Write" >> beam.io.WriteToText(storage.join(self._output, REJECTED_PREFIX),
+                                                 file_name_suffix=REJECTED_SUFFIX, shard_name_template=SHARD_TEMPLATE))

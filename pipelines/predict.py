@@ -3,9 +3,10 @@
     python -m pipelines.predict --input new.csv --model model_dir/export --output predictions/ \\
         [--runner DataflowRunner --project P --region R --temp_location gs://b/tmp --setup_file ./setup.py]
 
-Reads the same manifest formats as preprocessing, fetches and validates images with the same code,
-runs the SavedModel's own serving signature through Beam's RunInference (so the probabilities are
-exactly what the served model returns for the same bytes), and writes one row per image
+Reads the same manifest formats as preprocessing, fetches images with the same code and turns each
+into exactly the bytes a training example holds with the pipeline's own image code (the export
+records how its dataset stored images), runs the export's stored-images signature - the model on
+those pixels as training decoded them - through Beam's RunInference, and writes one row per image
 (`predictions-*.csv|jsonl|parquet`), a dead letter (`rejected-*.jsonl`) and `summary.json`, whose
 counts reconcile: input_rows == predicted + rejected.
 """
@@ -30,9 +31,9 @@ from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.manifests import Row
 from pipelines.options import ManifestOptions, OutputOptions, PredictOptions
-from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, write_rejected
+from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, rejected
 from tagbeam import console, export as model_files, flags, storage
-from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE
+from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, StoredImages
 from tagbeam.flags import UsageError
 from tagbeam.workspace import Workspace
 
@@ -40,8 +41,6 @@ _LOG = logging.getLogger("pipelines.predict")
 ENTRY_POINT = "pipelines.predict"
 SUMMARY_JSON = "summary.json"
 PREDICTIONS_PREFIX = "predictions"
-# Formats the serving signature decodes itself; others are converted (losslessly) to PNG first.
-_SERVABLE_FORMATS = ("JPEG", "PNG", "GIF", "BMP")
 # Predict reads no labels from the manifest; of the image options only the pixel bound applies
 # (the model's export fixes the rest).
 _MANIFEST_FLAGS = [f.name for f in dataclasses.fields(ManifestOptions) if f.name not in ("labels_column", "label_delimiter")]
@@ -97,14 +96,30 @@ def resolve_model(path: str) -> str:
 
 
 class FetchAndCheck(beam.DoFn):
-    """A batch of rows -> (Row, bytes the model can decode); failures -> rejected.
+    """A batch of rows -> (Row, image bytes for the model); failures -> rejected.
 
-    Each image is fully decoded once with Pillow (the pipeline's decoder, with its pixel limit),
-    so an unreadable image costs only its row; one bad image in a model batch would fail the batch.
+    With `stored` (the export's stored_images.json), each image goes through the pipeline's own
+    code (pipelines.images.process: decode, orientation, colour, bands and bit depth, resize,
+    encoding) into exactly the bytes the training examples hold, for the export's stored-images
+    signature; a row is rejected with the stage and reason preprocessing gives it. Without it (an
+    export written before it was recorded) each image is decoded with the pipeline's decoder and
+    handed to serving_default losslessly as PNG. An unreadable image costs only its row: one bad
+    image in a model batch would fail the batch.
     """
 
-    def __init__(self, options: fetch.FetchOptions, max_pixels: int) -> None:
-        self._options, self._max_pixels = options, max_pixels
+    def __init__(self, options: fetch.FetchOptions, max_pixels: int, stored: StoredImages | None) -> None:
+        self._options = options
+        self._image_options = None if stored is None else ImageOptions(
+            size=stored.image_size, policy=stored.resize_policy, output_format=stored.image_format,
+            jpeg_quality=stored.jpeg_quality, jpeg_subsampling=stored.jpeg_subsampling, max_pixels=max_pixels)
+        self._max_pixels = max_pixels
+
+    def _model_input(self, data: bytes) -> bytes:
+        if self._image_options is not None:
+            return images.process(data, self._image_options)
+        buffer = io.BytesIO()
+        images.to_rgb(data, self._max_pixels).save(buffer, format="PNG")
+        return buffer.getvalue()
 
     def process(self, batch: Sequence[Row]) -> Iterator[Any]:
         fetched = fetch_rows(batch, self._options)
@@ -113,42 +128,29 @@ class FetchAndCheck(beam.DoFn):
                 yield rejected(reject_row(row, "fetch", data.reason, data.detail))
                 continue
             try:
-                image = images.to_rgb(data, self._max_pixels)
+                image = self._model_input(data)
             except images.ImageError as err:
                 yield rejected(reject_row(row, "decode", err.reason, err.detail))
                 continue
-            if _image_format(data) not in _SERVABLE_FORMATS:
-                # TF cannot decode WebP/TIFF: hand the model lossless pixels instead of the original bytes.
-                buffer = io.BytesIO()
-                image.save(buffer, format="PNG")
-                data = buffer.getvalue()
-                count("images_converted_to_png")
             count("images_checked")
-            yield row, data
-
-
-def _image_format(data: bytes) -> str | None:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return img.format
+            yield row, image
 
 
 class SavedModelHandler(ModelHandler[bytes, dict, Any]):
-    """Runs a SavedModel's `serving_default` on encoded image bytes.
+    """Runs one of a SavedModel's signatures on encoded image bytes.
 
     Beam's stock TensorFlow handler feeds numpy/tensors to a Keras model; this signature takes a
     batch of strings and returns named outputs, so a small handler of our own fits it exactly.
     """
 
-    def __init__(self, model_path: str, batch_size: int) -> None:
+    def __init__(self, model_path: str, batch_size: int, signature: str) -> None:
         super().__init__()
-        self._model_path, self._batch_size = model_path, batch_size
+        self._model_path, self._batch_size, self._signature = model_path, batch_size, signature
 
     def load_model(self) -> Any:
         import tensorflow as tf
 
-        return tf.saved_model.load(self._model_path).signatures[model_files.SIGNATURE_NAME]
+        return tf.saved_model.load(self._model_path).signatures[self._signature]
 
     def run_inference(self, batch: Sequence[bytes], model: Any, inference_args: dict | None = None
                       ) -> Iterable[PredictionResult]:
@@ -233,20 +235,26 @@ def commit_summary(_: Any, *, output: str, model: str, labels: Sequence[str], op
 def build(p: beam.Pipeline, spec: manifests.ManifestSpec, model_path: str, labels: Sequence[str],
           job: PredictJob) -> None:
     output = job.output.output
+    stored = model_files.read_stored_images(model_path)
+    if stored is None:
+        _LOG.warning("%s records no %s (exported before it was recorded): images go through serving_default "
+                     "instead of the pipeline's own preprocessing; re-export to predict exactly as training saw",
+                     model_path, model_files.STORED_IMAGES_JSON)
+    signature = model_files.SIGNATURE_NAME if stored is None else model_files.STORED_SIGNATURE_NAME
     parsed = p | "ReadManifest" >> manifests.ReadManifest(spec)
     unique = parsed.rows | "DropDuplicateIds" >> manifests.DropDuplicateIds()
     checked = (unique.rows
                | "Batch" >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
-               | "FetchAndCheck" >> beam.ParDo(FetchAndCheck(job.fetch, job.image.max_pixels)
+               | "FetchAndCheck" >> beam.ParDo(FetchAndCheck(job.fetch, job.image.max_pixels, stored)
                                                ).with_outputs(REJECTED_TAG, main="rows"))
     # The Row itself is the key: it rides through RunInference untouched, so no join is needed.
     records = (checked.rows
-               | "RunInference" >> RunInference(KeyedModelHandler(SavedModelHandler(model_path,
-                                                                                      job.predict.batch_size)))
+               | "RunInference" >> RunInference(KeyedModelHandler(SavedModelHandler(model_path, job.predict.batch_size,
+                                                                                      signature)))
                | "ToRecord" >> beam.Map(to_record, labels))
     _ = _write_predictions(records, output, job.predict.output_format, labels)
     rejections = (parsed.rejected, unique.rejected, checked.rejected) | "Rejections" >> beam.Flatten()
-    _ = write_rejected([rejections], output)
+    _ = (rejections,) | "DeadLetter" >> WriteRejected(output)
     input_rows = ((parsed.rows, parsed.rejected) | "AllInputRows" >> beam.Flatten()
                   | "CountInput" >> beam.combiners.Count.Globally())
     predicted = records | "CountPredicted" >> beam.combiners.Count.Globally()

@@ -36,7 +36,7 @@ from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
-from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, write_rejected
+from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, WriteRejected
 from pipelines.shards import ShardPlan, WriteShards
 from tagbeam import console, flags, storage
 from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT
@@ -156,7 +156,7 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
                | "EncodeRows" >> beam.ParDo(EncodeRows(example_options), beam.pvalue.AsSingleton(plan)
                                             ).with_outputs(REJECTED_TAG, main="rows"))
     shards = encoded.rows | "WriteShards" >> WriteShards(output, plan, splits.shard_compression)
-    rejected_files = write_rejected((parsed.rejected, unique.rejected, encoded.rejected), output)
+    rejected_files = (parsed.rejected, unique.rejected, encoded.rejected) | "DeadLetter" >> WriteRejected(output)
     _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files}
          | "CommitDataset" >> dataset_info.CommitDataset(output, options_record))
 

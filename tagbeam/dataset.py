@@ -120,6 +120,28 @@ def rejected_file_pattern(folder: str) -> str:
     return storage.join(folder, f"{REJECTED_PREFIX}-*{REJECTED_SUFFIX}")
 
 
+# --- how the images are stored -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class StoredImages:
+    """How a dataset stores its images: what the trainer decodes, what the serving signature
+    reproduces, and what `pipelines.predict` needs to make the same bytes from a source image (the
+    export carries it as an asset, so a model predicts correctly after its dataset is gone)."""
+
+    image_size: int
+    image_format: str  # IMAGE_FORMATS
+    resize_policy: str  # RESIZE_POLICIES
+    jpeg_quality: int
+    jpeg_subsampling: str  # JPEG_SUBSAMPLINGS
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, meta: Mapping[str, Any]) -> "StoredImages":
+        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
+
+
 # --- dataset.json -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +192,11 @@ class DatasetInfo:
     def stored_jpeg(self) -> tuple[int, str] | None:
         """(quality, chroma subsampling) of the stored JPEGs; None when images are PNG."""
         return (self.jpeg_quality, self.jpeg_subsampling) if self.image_format == "jpeg" else None
+
+    @property
+    def stored_images(self) -> StoredImages:
+        return StoredImages(self.image_size, self.image_format, self.resize_policy, self.jpeg_quality,
+                            self.jpeg_subsampling)
 
     @property
     def examples(self) -> int:

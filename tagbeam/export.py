@@ -21,6 +21,7 @@ HISTORY_JSON = "history.json"
 HISTORY_CSV = "history.csv"
 THRESHOLDS_JSON = "thresholds.json"
 LABELS_TXT = dataset.LABELS_TXT
+STORED_IMAGES_JSON = "stored_images.json"  # export asset: dataset.StoredImages
 CHECKPOINTS_DIR = "checkpoints"
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"
@@ -29,6 +30,12 @@ FEATURE_CACHE_DIR = "feature_cache"
 # --- the SavedModel -------------------------------------------------------------------------------
 SIGNATURE_NAME = "serving_default"
 INPUT_NAME = "image_bytes"  # a batch of encoded images; "_bytes" marks binary input for Vertex AI / AI Platform
+# Formats serving_default decodes (TensorFlow's decoders); others (TIFF, ...) are refused by name.
+SERVING_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WebP")
+# A second signature, for batch prediction: images already as the dataset stores them (made from
+# any source format by the pipeline's own code, pipelines/images.py), decoded exactly as training
+# decodes them. Same input name and outputs.
+STORED_SIGNATURE_NAME = "stored_images"
 OUTPUT_PROBABILITIES = "probabilities"  # float32 [B, K]
 OUTPUT_PREDICTED_LABELS = "predicted_labels"  # string [B, K]: the label where its threshold is reached, else ""
 OUTPUT_PREDICTED = "predicted"  # int32 [B, K]: 0/1
@@ -58,6 +65,12 @@ def read_labels(export_dir: str) -> list[str]:
 
 def read_thresholds(export_dir: str) -> tuple[list[str], list[float]]:
     return parse_thresholds_json(storage.read_text(asset_path(export_dir, THRESHOLDS_JSON)))
+
+
+def read_stored_images(export_dir: str) -> dataset.StoredImages | None:
+    """How the model's training images were stored; None for exports written before it was recorded."""
+    meta = storage.read_json_if_exists(asset_path(export_dir, STORED_IMAGES_JSON))
+    return dataset.StoredImages.from_json(meta) if meta else None
 
 
 def newest_version(export_base: str) -> str | None:

@@ -15,8 +15,10 @@ import tf_keras
 
 from backbone_factory import write_backbone
 import sample_data
-from pipelines import predict
+from pipelines import images, predict
+from pipelines.images import ImageOptions
 from trainer.model import NonEmptyBatch
+from tagbeam.dataset import StoredImages
 from trainer.serving import export_model
 
 IMAGE_SIZE = 64
@@ -41,7 +43,8 @@ def exported(tmp_path_factory, posters) -> tuple[str, list[str]]:
         NonEmptyBatch(backbone)(images))
     model = tf_keras.Model(images, logits)
     thresholds = np.full(len(labels), 0.5, np.float32)
-    export_model(model, str(root / "export"), labels, thresholds, IMAGE_SIZE, "squash", version=1)
+    export_model(model, str(root / "export"), labels, thresholds, StoredImages(IMAGE_SIZE, "png", "squash", 95, "4:2:0"),
+                 version=1)
     return str(root / "export"), labels
 
 
@@ -94,11 +97,17 @@ def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_p
     with open(glob.glob(str(out / "predictions-*.csv"))[0], encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 24 and len({r["id"] for r in rows}) == 24
-    serve = tf.saved_model.load(os.path.join(export_base, "1")).signatures["serving_default"]
+    # Predict hands the model exactly the pixels a training example of the same image holds: the
+    # pipeline's own preprocessing, then the stored-images signature (training's decoding).
+    loaded = tf.saved_model.load(os.path.join(export_base, "1"))
     uris = [r["uri"] for r in rows]
-    own = serve(image_bytes=tf.constant([open(u, "rb").read() for u in uris]))
+    stored = [images.process(open(u, "rb").read(), ImageOptions(size=IMAGE_SIZE, output_format="png")) for u in uris]
+    own = loaded.signatures["stored_images"](image_bytes=tf.constant(stored))
     ours = np.array([[float(r[label]) for label in labels] for r in rows])
     np.testing.assert_allclose(ours, own["probabilities"].numpy(), atol=1e-6)
+    # Online serving reproduces that preprocessing with TF ops, closely but not bit for bit.
+    online = loaded.signatures["serving_default"](image_bytes=tf.constant([open(u, "rb").read() for u in uris]))
+    np.testing.assert_allclose(ours, online["probabilities"].numpy(), atol=0.02)
     for row, names in zip(rows, own["predicted_labels"].numpy()):
         got = row["predicted_labels"].split("|") if row["predicted_labels"] else []
         assert got == [n.decode() for n in names if n]

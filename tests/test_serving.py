@@ -21,10 +21,12 @@ from backbone_factory import write_backbone
 from PIL import Image, ImageOps
 
 from trainer.model import NonEmptyBatch
+from tagbeam.dataset import StoredImages
 from trainer.serving import export_model, preprocess_image_bytes
 
 LABELS = ["cat", "coffee", "outdoor", "person"]
 SIZE = 64  # small: the tiny backbone accepts any size, and serving cost is not under test here
+CROP_PNG = StoredImages(SIZE, "png", "crop", 95, "4:2:0")  # what the exports here say about their dataset
 
 
 def _encode(array: np.ndarray, fmt: str, **options) -> bytes:
@@ -60,7 +62,7 @@ def exported(tmp_path_factory):
     # Halfway between the two images' probabilities: each label is predicted for exactly one image.
     assert np.all(np.abs(probs[0] - probs[1]) > 1e-3), probs
     thresholds = ((probs[0] + probs[1]) / 2).astype(np.float32)
-    path = export_model(model, str(root / "export"), LABELS, thresholds, SIZE, "crop", version=7)
+    path = export_model(model, str(root / "export"), LABELS, thresholds, CROP_PNG, version=7)
     return {"root": root, "path": path, "model": model, "images": images, "probs": probs, "thresholds": thresholds}
 
 
@@ -160,12 +162,12 @@ def test_versions_increase_and_are_never_overwritten(exported, tmp_path):
     base = tmp_path / "export"
     (base / "9999999999").mkdir(parents=True)  # a version from "the future": the next one must be above it
     (base / "notes").mkdir()
-    latest = export_model(model, str(base), LABELS, thresholds, SIZE, "crop")
+    latest = export_model(model, str(base), LABELS, thresholds, CROP_PNG)
     assert os.path.basename(latest) == "10000000000"
     with pytest.raises(FileExistsError, match="10000000000 already exists"):
-        export_model(model, str(base), LABELS, thresholds, SIZE, "crop", version=10000000000)
+        export_model(model, str(base), LABELS, thresholds, CROP_PNG, version=10000000000)
     with pytest.raises(ValueError, match="4 outputs, but got 3 labels"):
-        export_model(model, str(base), LABELS[:3], thresholds[:3], SIZE, "crop")
+        export_model(model, str(base), LABELS[:3], thresholds[:3], CROP_PNG)
     assert sorted(os.listdir(base)) == ["10000000000", "9999999999", "notes"]
 
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from pipelines.images import ImageOptions, process
 from trainer.model import NonEmptyBatch
+from tagbeam.dataset import StoredImages
 from trainer.serving import export_model, preprocess_image_bytes
 
 SIZE = 224
@@ -124,8 +125,8 @@ def test_predictions_agree_between_training_pixels_and_the_serving_signature(tmp
     model = _small_model(write_backbone(str(tmp_path / "backbone")), training)
     trained_probs = tf.sigmoid(model(training)).numpy()
     thresholds = np.median(trained_probs, axis=0).astype(np.float32) + 1e-4
-    path = export_model(model, str(tmp_path / "export"), [f"l{k}" for k in range(NUM_LABELS)], thresholds, SIZE,
-                        policy, jpeg_quality=95)
+    path = export_model(model, str(tmp_path / "export"), [f"l{k}" for k in range(NUM_LABELS)], thresholds,
+                        StoredImages(SIZE, "jpeg", policy, 95, "4:2:0"))
     served = tf.saved_model.load(path).signatures["serving_default"](image_bytes=tf.constant(list(RAW.values())))
     gap = np.abs(served["probabilities"].numpy() - trained_probs)
     assert gap.max() < PROBABILITY_TOLERANCE, f"max probability difference {gap.max():.4f}"

@@ -10,6 +10,7 @@ Vertex AI's TensorFlow containers) use to recognise binary inputs.
 """
 from __future__ import annotations
 
+import json
 import posixpath
 import tempfile
 import time
@@ -21,7 +22,8 @@ import tensorflow as tf
 import tf_keras
 
 from tagbeam import export as model_files
-from tagbeam.dataset import DRAFT_MARGIN, JPEG_SUBSAMPLINGS, RESIZE_POLICIES, labels_text
+from tagbeam.dataset import DRAFT_MARGIN, JPEG_SUBSAMPLINGS, RESIZE_POLICIES, StoredImages, labels_text
+from trainer.data import decode_stored
 
 # The pipeline lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale ("draft") as long as both
 # sides keep at least DRAFT_MARGIN times the target size; serving must decode at the same scale.
@@ -223,6 +225,24 @@ def _as_stored(image: tf.Tensor, jpeg_quality: int | None, jpeg_subsampling: str
     return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
 
 
+# (name, offset, magic) of formats a client may send; the signature decodes SERVING_FORMATS only.
+_MAGIC = (("PNG", 0, b"\x89PNG\r\n\x1a\n"), ("GIF", 0, b"GIF8"), ("BMP", 0, b"BM"), ("WebP", 8, b"WEBP"),
+          ("TIFF", 0, b"II*\x00"), ("TIFF", 0, b"MM\x00*"), ("HEIF/AVIF", 4, b"ftyp"), ("PDF", 0, b"%PDF"))
+
+
+def _check_format(data: tf.Tensor) -> tf.Operation:
+    """Refuses an image TensorFlow cannot decode with an error that names its format (TF's own
+    says only which formats it wants)."""
+    name = tf.constant("an unknown format")
+    for format_name, offset, magic in reversed(_MAGIC):
+        name = tf.where(tf.equal(tf.strings.substr(data, offset, len(magic)), magic), format_name, name)
+    name = tf.where(tf.io.is_jpeg(data), "JPEG", name)
+    supported = tf.reduce_any(tf.equal(name, list(model_files.SERVING_FORMATS)))
+    return tf.debugging.Assert(supported, [
+        "image_bytes holds", name, f"; {model_files.SIGNATURE_NAME} decodes {', '.join(model_files.SERVING_FORMATS)} "
+        "only: convert the image, or use `python -m pipelines.predict`, which reads every format the pipeline does"])
+
+
 def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_policy: str,
                            jpeg_quality: int | None = None, jpeg_subsampling: str = "4:2:0") -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP strings [B] -> uint8 [B, S, S, 3], the pixels the pipeline
@@ -237,7 +257,8 @@ def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_polic
     _check_options(image_size, resize_policy, jpeg_quality, jpeg_subsampling)
 
     def one(data: tf.Tensor) -> tf.Tensor:
-        resized = tf.clip_by_value(_preprocess_one(data, image_size, resize_policy), 0.0, 1.0)
+        with tf.control_dependencies([_check_format(data)]):
+            resized = tf.clip_by_value(_preprocess_one(data, image_size, resize_policy), 0.0, 1.0)
         return _as_stored(resized, jpeg_quality, jpeg_subsampling)
 
     return tf.map_fn(
@@ -248,25 +269,24 @@ def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_polic
 
 
 class _Servable(tf.Module):
-    """What the SavedModel holds: the model's variables, the assets, and the signature function.
+    """What the SavedModel holds: the model's variables, the assets, and the signature functions.
 
     The Keras model itself is deliberately not tracked: only the variables its call captures are,
     so the SavedModel contains no Keras (or tensorflow_hub) objects and loads with TensorFlow alone.
     """
 
-    def __init__(self, model: tf_keras.Model, labels: Sequence[str], thresholds: np.ndarray,
-                 image_size: int, resize_policy: str, jpeg_quality: int | None, jpeg_subsampling: str,
+    def __init__(self, model: tf_keras.Model, labels: Sequence[str], thresholds: np.ndarray, stored: StoredImages,
                  asset_dir: str) -> None:
         super().__init__(name="tagbeam_servable")
         self.model_variables = list(model.variables)
         self.labels_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.LABELS_TXT))
         self.thresholds_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.THRESHOLDS_JSON))
+        self.stored_images_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.STORED_IMAGES_JSON))
         label_names = tf.constant(list(labels), tf.string)
         label_thresholds = tf.constant(thresholds, tf.float32)
+        jpeg_quality = stored.jpeg_quality if stored.image_format == "jpeg" else None
 
-        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=model_files.INPUT_NAME)])
-        def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-            images = preprocess_image_bytes(image_bytes, image_size, resize_policy, jpeg_quality, jpeg_subsampling)
+        def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
             probabilities = tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
             chosen = probabilities >= label_thresholds
             names = tf.broadcast_to(label_names, tf.shape(probabilities))
@@ -276,7 +296,18 @@ class _Servable(tf.Module):
                 model_files.OUTPUT_PREDICTED: tf.cast(chosen, tf.int32),
             }
 
-        self.serve = serve
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=model_files.INPUT_NAME)])
+        def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+            return outputs(preprocess_image_bytes(image_bytes, stored.image_size, stored.resize_policy, jpeg_quality,
+                                                  stored.jpeg_subsampling))
+
+        @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=model_files.INPUT_NAME)])
+        def serve_stored(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
+            size = stored.image_size
+            return outputs(tf.map_fn(lambda data: decode_stored(data, stored), image_bytes,
+                                     fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8)))
+
+        self.serve, self.serve_stored = serve, serve_stored
 
 
 def _next_version(export_base: str) -> int:
@@ -290,19 +321,17 @@ def export_model(
     export_base: str,
     labels: Sequence[str],
     thresholds: np.ndarray,
-    image_size: int,
-    resize_policy: str,
+    stored: StoredImages,
     version: int | None = None,
-    jpeg_quality: int | None = None,
-    jpeg_subsampling: str = "4:2:0",
 ) -> str:
     """Writes the serving SavedModel to ``<export_base>/<version>/`` and returns that folder.
 
-    ``model`` maps uint8 images [B, S, S, 3] to logits [B, K]. Pass the dataset's
-    ``jpeg_quality`` and ``jpeg_subsampling`` when its ``image_format`` is ``jpeg`` (see
-    ``preprocess_image_bytes``). The
-    SavedModel is written to a hidden sibling folder first and renamed into place, so TF Serving
-    (which watches ``export_base`` for numeric folders) never sees a partial version.
+    ``model`` maps uint8 images [B, S, S, 3] to logits [B, K]; ``stored`` is how its dataset stores
+    images (``DatasetInfo.stored_images``): ``serving_default`` reproduces it from encoded source
+    images, ``stored_images`` takes images already made that way (pipelines.predict), and the
+    ``stored_images.json`` asset records it. The SavedModel is written to a hidden sibling folder
+    first and renamed into place, so TF Serving (which watches ``export_base`` for numeric
+    folders) never sees a partial version.
     """
     thresholds = np.asarray(thresholds, dtype=np.float32)
     labels = [str(label) for label in labels]
@@ -312,7 +341,7 @@ def export_model(
             f"export_model: the model has {outputs} outputs, but got {len(labels)} labels and "
             f"thresholds of shape {thresholds.shape}; all three must match (one per label)."
         )
-    _check_options(image_size, resize_policy, jpeg_quality, jpeg_subsampling)
+    _check_options(stored.image_size, stored.resize_policy, stored.jpeg_quality, stored.jpeg_subsampling)
     tf.io.gfile.makedirs(export_base)
     version = _next_version(export_base) if version is None else int(version)
     final = posixpath.join(export_base, str(version))
@@ -325,10 +354,12 @@ def export_model(
             out.write(labels_text(labels))
         with open(posixpath.join(asset_dir, model_files.THRESHOLDS_JSON), "w", encoding="utf-8") as out:
             out.write(model_files.thresholds_json(labels, thresholds))
-        servable = _Servable(model, labels, thresholds, image_size, resize_policy, jpeg_quality, jpeg_subsampling,
-                             asset_dir)
+        with open(posixpath.join(asset_dir, model_files.STORED_IMAGES_JSON), "w", encoding="utf-8") as out:
+            out.write(json.dumps(stored.to_json(), indent=2) + "\n")
+        servable = _Servable(model, labels, thresholds, stored, asset_dir)
         try:
-            tf.saved_model.save(servable, staging, signatures={model_files.SIGNATURE_NAME: servable.serve})
+            tf.saved_model.save(servable, staging, signatures={model_files.SIGNATURE_NAME: servable.serve,
+                                                               model_files.STORED_SIGNATURE_NAME: servable.serve_stored})
             tf.io.gfile.rename(staging, final)
         except BaseException:
             if tf.io.gfile.exists(staging):

@@ -145,10 +145,8 @@ def write_outputs(task: TaskOptions, info: DatasetInfo, result: TrainResult, eva
     labels = list(info.labels)
     # Serving re-encodes the resized image like the stored JPEGs, so the model sees the same
     # compression artefacts it was trained on (cuts the probability skew ~5x; tests/test_skew.py).
-    jpeg_quality, jpeg_subsampling = info.stored_jpeg or (None, info.jpeg_subsampling)
     export_path = export_model(result.model, storage.join(task.model_dir, model_files.EXPORT_DIR), labels,
-                               evaluation.thresholds, info.image_size, info.resize_policy, task.version,
-                               jpeg_quality=jpeg_quality, jpeg_subsampling=jpeg_subsampling)
+                               evaluation.thresholds, info.stored_images, task.version)
     storage.write_text(storage.join(task.model_dir, model_files.HISTORY_JSON), json.dumps(result.history, indent=2) + "\n")
     storage.write_text(storage.join(task.model_dir, model_files.THRESHOLDS_JSON),
                        model_files.thresholds_json(labels, evaluation.thresholds))
