@@ -16,6 +16,7 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.cli import claim_output
 from pipelines.shards import ShardPlan
 from tagbeam import storage
 from tagbeam.dataset import (
@@ -48,11 +49,13 @@ def prepare_output(output: str, overwrite: bool) -> None:
 
     dataset.json goes first, so an interrupted clean-up never leaves a folder that looks complete.
     Left-overs of a failed run (transform output, a dead letter, temporary files) are replaced
-    silently; shards or a dataset.json are only replaced with --overwrite.
+    silently; shards or a dataset.json are only replaced with --overwrite; a folder holding files
+    no tagbeam job wrote is refused without --overwrite (cli.claim_output).
     """
     if not overwrite and any(storage.match(storage.join(output, p)) for p in (DATASET_JSON, *_SHARD_PATTERNS)):
         raise UsageError(f"--output {output} already holds a dataset (dataset.json or shards); pass --overwrite "
                          "to replace it, or choose another --output")
+    claim_output(output, overwrite, "pipelines.preprocess")
     for pattern in _OUTPUT_PATTERNS:
         found = storage.match(storage.join(output, pattern))
         if found:

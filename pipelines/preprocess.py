@@ -184,12 +184,17 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     options = cli.pipeline_options(pipeline_args)
     local = _runs_locally(options)
     work_dir = _work_dir(options, local, output)
+    try:
+        # Before the clean-up below may touch --output: a folder that is not this job's stays untouched.
+        dataset_info.prepare_output(output, job.output.overwrite)
+    except UsageError:
+        storage.remove_tree(work_dir)
+        raise
     transform_dir = storage.join(output, TRANSFORM_OUTPUT)
     # TFT writes through tf.io, which reaches only real GCS; a local run stages its output locally
     # and copies it with Beam's FileSystems, which also serve GCS emulators and other stores.
     staged = local and storage.is_remote(output)
     try:
-        dataset_info.prepare_output(output, job.output.overwrite)
         vocab_path = None
         if fixed:
             # A normalized copy (no blank lines or padding) that every worker can read as a TFT asset.

@@ -20,6 +20,9 @@ FORMAT_VERSION = 1
 DATASET_JSON = "dataset.json"  # written last: its presence means the directory is complete
 LABELS_TXT = "labels.txt"
 TRANSFORM_OUTPUT = "transform_output"
+# Written first into every output folder of a tagbeam job: what proves a folder's files are a job's
+# own, so that a later run may clear them without --overwrite (a folder without it is the user's).
+OUTPUT_MARKER = ".tagbeam-output"
 REJECTED_PREFIX = "rejected"
 REJECTED_SUFFIX = ".jsonl"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # Beam's shard_name_template of the text outputs

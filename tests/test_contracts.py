@@ -49,7 +49,7 @@ def test_docs_name_every_enum_file_and_feature_of_the_contract():
     for value in (*dataset.IMAGE_FORMATS, *dataset.RESIZE_POLICIES, *dataset.JPEG_SUBSAMPLINGS,
                   *dataset.SHARD_COMPRESSIONS, *dataset.REJECTION_STAGES, *dataset.UNLABELED_POLICIES):
         assert f"`{value}`" in DOCS or f'"{value}"' in DOCS, f"docs/dataset.md does not mention {value!r}"
-    for name in (dataset.DATASET_JSON, dataset.LABELS_TXT, dataset.TRANSFORM_OUTPUT,
+    for name in (dataset.DATASET_JSON, dataset.LABELS_TXT, dataset.TRANSFORM_OUTPUT, dataset.OUTPUT_MARKER,
                  dataset.shard_name("train", 0, 3), *dataset.SHARD_SUFFIXES.values()):
         assert name in DOCS, name
     for key in (dataset.FEATURE_ID, dataset.FEATURE_IMAGE, dataset.FEATURE_LABELS):

@@ -233,6 +233,25 @@ def test_existing_output_is_refused_without_overwrite(fault_run, capsys):
     assert sorted(os.listdir(fault_run["output"])) == before
 
 
+def test_a_folder_of_the_users_own_files_is_never_cleared(fault_run, tmp_path, capsys):
+    # Files whose names look like the job's own, in a folder no tagbeam job wrote: refused, all kept.
+    mine = tmp_path / "mine"
+    (mine / "transform_output").mkdir(parents=True)
+    files = {"rejected-notes.jsonl": "a", "draft.tmp-1": "b", "labels.txt": "c", "transform_output/mine.txt": "d"}
+    for name, text in files.items():
+        (mine / name).write_text(text)
+    assert preprocess.main(["--input", fault_run["manifest"], "--output", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --output {mine} holds files no tagbeam job wrote") and err.count("\n") == 1
+    assert {name: (mine / name).read_text() for name in files} == files
+    assert not (mine / ".tagbeam-output").exists()
+    # A file, or a place that cannot be written: one error line, nothing written.
+    assert preprocess.main(["--input", fault_run["manifest"], "--output", str(mine / "labels.txt")]) == 2
+    assert "is a file" in capsys.readouterr().err
+    assert preprocess.main(["--input", fault_run["manifest"], "--output", "/proc/tagbeam-out"]) == 2
+    assert "cannot be written" in capsys.readouterr().err
+
+
 # --- local runs: reruns, the multi-process runner, a grown manifest -----------------------------------
 
 def write_generic_manifest(folder: Path, count: int) -> Path:
@@ -291,7 +310,7 @@ def test_empty_split_gets_no_shards_and_overwrite_replaces_old_files(local_runs)
     info = local_runs["grown"]
     assert info["splits"]["test"] == {"examples": 0, "shards": 0, "files": [], "bytes": 0,
                                       "label_counts": {label: 0 for label in info["labels"]}}
-    expected = {"dataset.json", "labels.txt", "transform_output", *info["rejected_files"],
+    expected = {".tagbeam-output", "dataset.json", "labels.txt", "transform_output", *info["rejected_files"],
                 *info["splits"]["train"]["files"], *info["splits"]["val"]["files"]}
     assert set(local_runs["grown_files"]) == expected
     assert info["rejected"] == 0 and info["rejected_files"] == ["rejected-00000-of-00001.jsonl"]
@@ -328,6 +347,8 @@ def test_gcs_input_and_output_on_the_emulator(gcs_bucket, emulator_credentials, 
     vocab = tmp_path / "labels.txt"
     vocab.write_text("water\nprimary\n\nhaze \nclear\n")
     output = f"gs://{gcs_bucket}/out"
+    # What a killed run leaves: its marker (written first) and an orphaned run file.
+    bucket.blob("out/.tagbeam-output").upload_from_string(b'{"written_by": "pipelines.preprocess"}')
     bucket.blob("out/runs.tmp-killed/train-00000-x.run").upload_from_string(b"an orphan of a killed run")
     info = run(["--input", f"gs://{gcs_bucket}/planet/train_v2.csv", "--output", output, "--vocab_file", str(vocab),
                 "--unlabeled", "keep", "--shard_compression", "gzip", *FAST_FETCH])
