@@ -38,6 +38,8 @@ EXTRAS = {
     "demo": ["lmdb>=1.4"],
     "test": [
         "pytest>=8",
+        # Property-based fuzzing of the per-row code (tests/test_fuzz_rows.py).
+        "hypothesis>=6",
         # The downloader's TLS test makes a self-signed certificate.
         "cryptography",
         "gcp-storage-emulator>=2024.8.3",

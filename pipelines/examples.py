@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -70,6 +70,17 @@ def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions) -> list[bytes |
 Result = Encoded | Rejection
 
 
+def decoded_or_rejection(row: Row, decode: Callable[[], bytes]) -> bytes | Rejection:
+    """`decode()` of a fetched image, or the row's dead-letter record: an ImageError with its own
+    reason, anything else (whatever the bytes hold) named by its type - never an error of the job."""
+    try:
+        return decode()
+    except images.ImageError as err:
+        return reject_row(row, "decode", err.reason, err.detail)
+    except Exception as err:  # noqa: BLE001 - the bytes cost their row only
+        return reject_row(row, "decode", f"unexpected_{type(err).__name__}", f"{type(err).__name__}: {str(err)[:200]}")
+
+
 def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tuple[int, ...] | Rejection:
     """Sorted ids of the row's known labels, or its dead-letter record. Labels outside the
     vocabulary are ignored (and counted); a row left without any known label is rejected
@@ -94,10 +105,9 @@ def _encode(row: Row, label_ids: tuple[int, ...], data: bytes | fetch.FetchError
         return reject_row(row, "fetch", data.reason, data.detail)
     count("images_fetched")
     count("bytes_fetched", len(data))
-    try:
-        image = images.process(data, opts.image)
-    except images.ImageError as err:
-        return reject_row(row, "decode", err.reason, err.detail)
+    image = decoded_or_rejection(row, lambda: images.process(data, opts.image))
+    if isinstance(image, Rejection):
+        return image
     count("images_decoded")
     split = split_of(row.id, opts.val_fraction, opts.test_fraction)
     return Encoded(split, row.id, to_example(row.id, image, label_ids, num_labels), label_ids)

@@ -120,7 +120,7 @@ def resolve_uri(uri: str, base: str | None) -> str:
     text = uri.strip()
     if not text:
         raise FetchError("bad_uri", "empty image URI")
-    if urllib.parse.urlsplit(text).scheme or text.startswith("/"):
+    if _scheme(text) or text.startswith("/"):
         return text
     if base is None:
         raise FetchError("bad_uri", f"relative image path {text!r} but no base folder to resolve it "
@@ -131,9 +131,18 @@ def resolve_uri(uri: str, base: str | None) -> str:
         raise FetchError("escapes_base", f"relative image path {text!r} climbs out of {base!r} "
                                          "with '..'; only files under the base folder may be read")
     relative = posixpath.normpath(text)
-    if urllib.parse.urlsplit(base).scheme:
+    if _scheme(base):
         return base.rstrip("/") + "/" + relative
     return os.path.join(os.path.abspath(base), relative)
+
+
+def _scheme(uri: str) -> str:
+    """The URI's scheme, lower-case; "" for a path. A URI urllib cannot parse (unbalanced IPv6
+    brackets, ...) is a bad URI of its row, not an error of the job."""
+    try:
+        return urllib.parse.urlsplit(uri).scheme.lower()
+    except ValueError as err:
+        raise FetchError("bad_uri", f"{uri[:200]!r} is not a valid URI: {err}") from None
 
 
 def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
@@ -143,17 +152,23 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
     folder is followed, since only the manifest, not the file system, is untrusted) or when
     `options.allow_local_files` is set. Raises FetchError.
     """
-    resolved = resolve_uri(uri, base)
-    read = _reader(resolved, base, options)
-    attempt = 0
-    while True:
-        try:
-            return read()
-        except FetchError as err:
-            if not err.retryable or attempt >= options.retries:
-                raise
-            time.sleep(_backoff_s(attempt, options, err.retry_after_s))
-            attempt += 1
+    try:
+        resolved = resolve_uri(uri, base)
+        read = _reader(resolved, base, options)
+        attempt = 0
+        while True:
+            try:
+                return read()
+            except FetchError as err:
+                if not err.retryable or attempt >= options.retries:
+                    raise
+                time.sleep(_backoff_s(attempt, options, err.retry_after_s))
+                attempt += 1
+    except FetchError:
+        raise
+    except Exception as err:  # noqa: BLE001 - whatever a URI, a redirect or a server holds, it costs one row
+        raise FetchError("bad_uri" if isinstance(err, ValueError) else f"unexpected_{type(err).__name__}",
+                         f"{uri[:200]!r}: {type(err).__name__}: {err}") from None
 
 
 def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = None) -> list[bytes | FetchError]:
@@ -168,7 +183,7 @@ def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = No
     # Only network reads overlap usefully; local files are read inline, which saves the thread
     # hand-offs that otherwise cost more than the read itself (benchmarks/README.md).
     results: list[bytes | FetchError] = [b""] * len(uris)
-    remote = [i for i, uri in enumerate(uris) if urllib.parse.urlsplit(uri).scheme.lower() in ("http", "https", "gs")]
+    remote = [i for i, uri in enumerate(uris) if _is_network(uri)]
     remote_set = set(remote)
     for i, uri in enumerate(uris):
         if i not in remote_set:
@@ -180,8 +195,15 @@ def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = No
     return results
 
 
+def _is_network(uri: str) -> bool:
+    try:
+        return _scheme(uri) in ("http", "https", "gs")
+    except FetchError:
+        return False  # fetched inline, where it becomes its row's rejection
+
+
 def _reader(resolved: str, base: str | None, options: FetchOptions) -> Callable[[], bytes]:
-    scheme = urllib.parse.urlsplit(resolved).scheme.lower()
+    scheme = _scheme(resolved)
     if scheme in ("http", "https"):
         return lambda: _get_http(resolved, options)
     if scheme == "gs":

@@ -47,6 +47,7 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # 1.2/0.28 grey levels (0.9/0.26 without draft), 2.8x faster;
 # margin 1 -> 3.8-5.5/0.4-0.5, which is why it is not used.
 _STRETCH_PERCENTILES = (2.0, 98.0)
+MAX_IMAGE_SIZE = 4096  # ImageNet-style backbones take 224-600 px; 4096 is 48 MiB per decoded image
 PNG_COMPRESS_LEVEL = 1  # 2.5x faster than the default 6 for ~7 % more bytes
 
 
@@ -71,7 +72,10 @@ class ImageOptions:
     # backbone learned. Frozen MobileNetV2 features on the sample posters, logistic regression on
     # 2,000 held-out posters: macro-F1 0.78 / mAP 0.84 at 224, 0.80 / 0.87 at 320, 0.81 / 0.87 at
     # 384 (benchmarks/README.md). 224 costs 2.9x less backbone compute per image.
-    size: int = option(384, flag="image_size", check=positive, help="side of the stored square images, in pixels")
+    # Bounded so that what a size implies (decoded, resized and encoded copies of size^2 x 3 bytes per
+    # image, times the fetch threads of every worker) is refused up front, not as a MemoryError mid-run.
+    size: int = option(384, flag="image_size", check=in_range(1, MAX_IMAGE_SIZE),
+                       help="side of the stored square images, in pixels")
     policy: str = option("squash", flag="resize_policy", choices=RESIZE_POLICIES,
                          help="squash (ignore the aspect ratio), crop (centre square) or pad (letterbox on black)")
     output_format: str = option("jpeg", flag="image_format", choices=IMAGE_FORMATS,

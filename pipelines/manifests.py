@@ -335,8 +335,8 @@ def _table_records(path: str, handle: io.IOBase, columns: list[str]) -> Iterator
             number += 1
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield number, f"not JSON: {err}"
+            except (ValueError, RecursionError) as err:  # RecursionError: nesting deeper than the parser goes
+                yield number, f"not JSON: {type(err).__name__}: {str(err)[:200]}"
                 continue
             yield number, record if isinstance(record, dict) else f"not a JSON object: {line[:80]!r}"
     else:
@@ -354,27 +354,36 @@ def parse_table(spec: ManifestSpec, path: str, handle: io.IOBase) -> Iterator[Pa
     base = folder_of(path)
     columns = list(required_columns(spec))
     for number, record in _table_records(path, handle, columns):
-        if isinstance(record, str):
-            yield rejection(path, number, "", "", "parse", "malformed_row", record)
-            continue
-        missing = [c for c in columns if c not in record]
-        if missing:
-            yield rejection(path, number, "", "", "parse", "missing_column",
-                            f"row {number} of {path} lacks {missing}; it has {sorted(record)}")
-            continue
-        if spec.format == "movie_genre":
-            yield _row_or_reject(path, number, record["imdbId"] or "", record["Poster"] or "", base,
-                                 split_labels(record["Genre"], "|"))
-        elif spec.format == "planet":
-            name = (record["image_name"] or "").strip()
-            uri = f"{name}.{spec.image_ext}" if name else ""
-            yield _row_or_reject(path, number, name, uri, spec.image_root, split_labels(record["tags"], " "))
-        else:
-            raw_uri = _cell(record[spec.uri_column])
-            id_ = _cell(record[spec.id_column]) if spec.id_column else raw_uri
-            # No labels column (batch prediction): rows carry no labels.
-            labels = split_labels(record[spec.labels_column], spec.label_delimiter) if spec.labels_column else ()
-            yield _row_or_reject(path, number, id_, raw_uri, base, labels)
+        try:
+            yield _parse_record(spec, path, base, columns, number, record)
+        except Exception as err:  # noqa: BLE001 - whatever a cell holds, it costs its row only
+            yield rejection(path, number, "", "", "parse", f"unexpected_{type(err).__name__}",
+                            f"row {number} of {path}: {type(err).__name__}: {str(err)[:200]}")
+
+
+def _parse_record(spec: ManifestSpec, path: str, base: str, columns: list[str], number: int,
+                  record: dict | str) -> ParseResult:
+    if isinstance(record, str):
+        return rejection(path, number, "", "", "parse", "malformed_row", record)
+    missing = [c for c in columns if c not in record]
+    if missing:
+        return rejection(path, number, "", "", "parse", "missing_column",
+                         f"row {number} of {path} lacks {missing}; it has {sorted(record)}")
+    if spec.format == "movie_genre":
+        return _row_or_reject(path, number, record["imdbId"] or "", record["Poster"] or "", base,
+                              split_labels(record["Genre"], "|"))
+    if spec.format == "planet":
+        name = (record["image_name"] or "").strip()
+        uri = f"{name}.{spec.image_ext}" if name else ""
+        return _row_or_reject(path, number, name, uri, spec.image_root, split_labels(record["tags"], " "))
+    raw_uri = _cell(record[spec.uri_column])
+    id_ = _cell(record[spec.id_column]) if spec.id_column else raw_uri
+    # No labels column (batch prediction): rows carry no labels.
+    labels = split_labels(record[spec.labels_column], spec.label_delimiter) if spec.labels_column else ()
+    return _row_or_reject(path, number, id_, raw_uri, base, labels)
+
+
+
 
 
 def _cell(value: Any) -> str:

@@ -26,14 +26,14 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
 from pipelines import cli, dataset_info, fetch, images, manifests
-from pipelines.examples import fetch_rows
+from pipelines.examples import decoded_or_rejection, fetch_rows
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.manifests import Row
 from pipelines.options import ManifestOptions, OutputOptions, PredictOptions
 from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, rejected
 from tagbeam import console, export as model_files, flags, storage
-from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, StoredImages
+from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection, StoredImages
 from tagbeam.flags import UsageError
 from tagbeam.workspace import Workspace
 
@@ -78,6 +78,23 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PredictJob, list[str]
     except UsageError as err:
         parser.error(str(err))
     return job, beam_args
+
+
+def check_model(model_path: str) -> list[str]:
+    """The export's labels, after loading it once here: a broken export is one `error:` line before
+    any work, not a traceback from every worker that tries to load it."""
+    import tensorflow as tf
+
+    try:
+        labels = model_files.read_labels(model_path)
+        signatures = tf.saved_model.load(model_path).signatures
+    except Exception as err:  # noqa: BLE001 - a corrupt saved_model.pb raises whatever its parser raises
+        raise UsageError(f"--model {model_path} cannot be loaded ({type(err).__name__}: {str(err)[:200]}); "
+                         "export it again with `python -m trainer.task`") from None
+    if model_files.SIGNATURE_NAME not in signatures:
+        raise UsageError(f"--model {model_path} has no {model_files.SIGNATURE_NAME} signature: not an export of "
+                         "`python -m trainer.task`")
+    return labels
 
 
 def resolve_model(path: str) -> str:
@@ -127,10 +144,9 @@ class FetchAndCheck(beam.DoFn):
             if isinstance(data, fetch.FetchError):
                 yield rejected(reject_row(row, "fetch", data.reason, data.detail))
                 continue
-            try:
-                image = self._model_input(data)
-            except images.ImageError as err:
-                yield rejected(reject_row(row, "decode", err.reason, err.detail))
+            image = decoded_or_rejection(row, lambda: self._model_input(data))
+            if isinstance(image, Rejection):
+                yield rejected(image)
                 continue
             count("images_checked")
             yield row, image
@@ -282,7 +298,7 @@ def run(job: PredictJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     start = time.monotonic()
     output = job.output.output
     model_path = resolve_model(job.predict.model)
-    labels = model_files.read_labels(model_path)
+    labels = check_model(model_path)
     spec = manifests.resolve_spec(job.manifest, with_labels=False)
     prepare_output(output, job.output.overwrite)
     with beam.Pipeline(options=cli.pipeline_options(pipeline_args)) as p:

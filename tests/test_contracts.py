@@ -125,6 +125,8 @@ def test_option_values_are_checked_from_the_declaration(capsys):
         assert done.value.code == 2 and message in capsys.readouterr().err
     with pytest.raises(ValueError, match="--fetch_timeout_s must be > 0"):
         FetchOptions(timeout_s=0)  # the same rule for options built in code
+    with pytest.raises(ValueError, match=r"--image_size must be in \[1, 4096\], got 100000"):
+        ImageOptions(size=100_000)  # refused up front, not a MemoryError mid-run
     with pytest.raises(ValueError, match="sum to at most 1"):
         SplitOptions(val_fraction=0.6, test_fraction=0.6)
 

@@ -130,3 +130,20 @@ def test_bad_model_path_is_a_clear_error(posters, tmp_path, capsys):
                          "--output", str(tmp_path / "out")])
     assert code == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_a_corrupt_export_is_one_error_line_before_any_work(posters, exported, tmp_path, capsys):
+    import shutil
+
+    export_base, _ = exported
+    broken = tmp_path / "export" / "1"
+    shutil.copytree(os.path.join(export_base, "1"), broken)
+    (broken / "saved_model.pb").write_bytes(b"\x08\x01garbage, not a SavedModel")
+    out = tmp_path / "out"
+    code = predict.main(["--input", os.path.join(posters, "MovieGenre-heldout.csv"), "--model", str(broken),
+                         "--output", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"--model {broken} cannot be loaded" in line and "trainer.task" in line
+    assert not out.exists()

@@ -254,3 +254,17 @@ def test_empty_val_and_test_splits_degrade_with_warnings_under_vertex_variables(
     assert len(json.load(open(os.path.join(model_dir, "history.json")))["loss"]) == 2
     assert os.path.exists(tmp_path / "vertex_checkpoints" / "best.index")
     assert os.listdir(tmp_path / "vertex_logs") and not os.path.exists(os.path.join(model_dir, "logs"))
+
+
+def test_a_corrupt_shard_is_named_with_what_to_do(tiny_backbone, tmp_path, capsys) -> None:
+    root = write_dataset(str(tmp_path / "ds"), {"train": 40, "val": 8}, 32, LABELS, seed=5, shards=2)
+    shard = dataset.read(root).shard_paths("train")[1]
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2: len(data) // 2 + 16] = b"\xff" * 16  # flipped bytes inside a record
+    open(shard, "wb").write(bytes(data))
+    code = task.main(["--data_dir", root, "--model_dir", str(tmp_path / "m"), "--hub_handle", tiny_backbone,
+                      "--epochs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+    assert f"corrupt shard(s) ({shard})" in line and "rerun `python -m pipelines.preprocess`" in line

@@ -152,3 +152,19 @@ def sample_images(info: DatasetInfo, split: str, count: int) -> tuple[np.ndarray
     if not images:
         return np.zeros((0, info.image_size, info.image_size, 3), np.uint8), np.zeros((0, info.num_labels), np.float32)
     return images[0], labels[0]
+
+
+def corrupt_dataset_error(info: DatasetInfo, err: Exception) -> DatasetError:
+    """What to tell the user when reading shards failed with a DataLossError: which shards are
+    corrupt (each is read again, alone, to find out) and what to do."""
+    corrupt = []
+    for split in ("train", "val", "test"):
+        for path in info.shard_paths(split):
+            try:
+                for _ in tf.data.TFRecordDataset(path, compression_type=info.compression_type):
+                    pass
+            except (tf.errors.DataLossError, tf.errors.InvalidArgumentError):
+                corrupt.append(path)
+    named = ", ".join(corrupt[:5]) + (", ..." if len(corrupt) > 5 else "") if corrupt else "no single shard"
+    return DatasetError(f"--data_dir {info.data_dir}: corrupt shard(s) ({named}): {str(err).splitlines()[0][:200]}; "
+                        "the files changed after the pipeline wrote them: rerun `python -m pipelines.preprocess`")

@@ -167,8 +167,13 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
     dirs = OutputDirs.under(task.model_dir, os.environ.get("AIP_CHECKPOINT_DIR"),
                             os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
     tf.io.gfile.makedirs(task.model_dir)
-    result = train(strategy, info, backbone, options, dirs)  # stage 2
-    evaluation = evaluate_run(info, result, options, task.model_dir)
+    try:
+        result = train(strategy, info, backbone, options, dirs)  # stage 2
+        evaluation = evaluate_run(info, result, options, task.model_dir)
+    except tf.errors.DataLossError as err:
+        from trainer.data import corrupt_dataset_error
+
+        raise corrupt_dataset_error(info, err) from None
     export_path = write_outputs(task, info, result, evaluation)
     epochs_done = len(result.history.get("loss", []))
     run_info = model_files.RunInfo(
