@@ -348,9 +348,23 @@ def _allowed_addresses(host: str, port: int, options: FetchOptions) -> tuple[str
     return addresses[:_MAX_ADDRESSES]
 
 
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 form carries and reaches: IPv4-mapped (::ffff:a.b.c.d), IPv4-compatible
+    (::a.b.c.d, deprecated but still routed to the IPv4 host by some stacks), NAT64 (64:ff9b::/96)
+    and 6to4 (2002::/16)."""
+    if ip.ipv4_mapped or ip.sixtofour:
+        return ip.ipv4_mapped or ip.sixtofour
+    if ip in _NAT64 or 1 < int(ip) < 2**32:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def _blocked_because(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, options: FetchOptions) -> str | None:
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address) and _embedded_ipv4(ip):
+        ip = _embedded_ipv4(ip)
     if ip.is_loopback:
         return None if options.allow_loopback else "a loopback address"
     if ip.is_link_local or ip in _METADATA_ADDRESSES:

@@ -374,6 +374,9 @@ def _parse_record(spec: ManifestSpec, path: str, base: str, columns: list[str], 
                               split_labels(record["Genre"], "|"))
     if spec.format == "planet":
         name = (record["image_name"] or "").strip()
+        problem = _not_a_file_name(name) if name else None
+        if problem:
+            return rejection(path, number, name, "", "parse", "bad_image_name", f"Planet image_name {problem}")
         uri = f"{name}.{spec.image_ext}" if name else ""
         return _row_or_reject(path, number, name, uri, spec.image_root, split_labels(record["tags"], " "))
     raw_uri = _cell(record[spec.uri_column])
@@ -410,7 +413,18 @@ def parse_voc_annotation(data: bytes) -> tuple[str | None, tuple[str, ...]]:
     return filename, clean_labels(obj.findtext("name") for obj in root.iter("object"))
 
 
+def _not_a_file_name(name: str) -> str | None:
+    """Why `name` (a Planet image_name, a VOC id) is not a plain file name: such names are joined to a
+    folder, so a path or a URL in them would read outside it."""
+    if any(c in name for c in "/\\:\x00") or name in (".", ".."):
+        return f"{name[:100]!r} is not a plain file name (no '/', '\\', ':' or NUL; not '.' or '..')"
+    return None
+
+
 def voc_row(spec: ManifestSpec, source: str, number: int, image_id: str) -> ParseResult:
+    problem = _not_a_file_name(image_id)
+    if problem:
+        return rejection(source, number, image_id, "", "parse", "bad_id", f"VOC image id {problem}")
     root = spec.files[0]
     path = f"{root.rstrip('/')}/Annotations/{image_id}.xml"
     try:

@@ -170,8 +170,13 @@ def test_blocked_addresses_and_names(http_server):
     assert reason_of("http://metadata.google.internal/computeMetadata/v1/", LOCAL) == "blocked_address"
     assert reason_of("http://Metadata.Google.Internal./x", LOCAL) == "blocked_address"
     for sneaky in ("http://[::ffff:169.254.169.254]/", "http://2852039166/", "http://[fe80::1]/",
-                   "http://224.0.0.1/", "http://0.0.0.0/"):
+                   "http://224.0.0.1/", "http://0.0.0.0/", "http://[::169.254.169.254]/",
+                   "http://[64:ff9b::a9fe:a9fe]/", "http://[2002:a9fe:a9fe::1]/"):
         assert reason_of(sneaky, LOCAL) == "blocked_address", sneaky
+    # IPv4-compatible and -mapped forms of the loopback are refused as loopback, not as a failed connection.
+    for loopback in ("http://[::127.0.0.1]/x.jpg", "http://[::ffff:127.0.0.1]/x.jpg"):
+        with pytest.raises(FetchError, match="a loopback address"):
+            fetch(loopback, strict)
 
 
 def test_schemes_and_local_files(tmp_path):

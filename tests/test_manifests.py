@@ -97,6 +97,24 @@ def test_planet_rows_use_the_image_root_and_extension(tmp_path):
     assert parse(tif, path)[0].uri == "https://example.org/train-tif-v2/train_0.tif"
 
 
+def test_planet_names_and_voc_ids_are_names_not_paths_or_urls(tmp_path):
+    path = write(tmp_path / "train_v2.csv", "image_name,tags\nhttp://169.254.169.254/latest,haze\n"
+                                            "../../etc/passwd,clear\nC:evil,haze\nok_1,haze\n")
+    os.makedirs(tmp_path / "train-jpg")
+    rows = parse(manifests.resolve_spec(ManifestOptions(input=path)), path)
+    assert [(r.stage, r.reason) for r in rows[:3]] == [("parse", "bad_image_name")] * 3
+    assert rows[3].uri == str(tmp_path / "train-jpg" / "ok_1.jpg")
+
+    root = make_voc(tmp_path / "VOC2012")
+    outside = write(tmp_path / "elsewhere" / "evil.xml", VOC_XML.format(id="evil", objects=voc_object("cat")))
+    assert os.path.exists(outside)
+    write(tmp_path / "VOC2012" / "ImageSets" / "Main" / "evil.txt", "../../elsewhere/evil\n2008_000008\n")
+    spec = manifests.resolve_spec(ManifestOptions(input=root, format="voc", voc_image_set="evil"))
+    source, ids = manifests.voc_ids(spec)
+    traversal, horse = (manifests.voc_row(spec, source, i + 1, image_id) for i, image_id in enumerate(ids))
+    assert (traversal.stage, traversal.reason) == ("parse", "bad_id") and horse.labels == ("horse", "person")
+
+
 def test_planet_without_image_folder_says_which_flag(tmp_path):
     path = write(tmp_path / "train_v2.csv", "image_name,tags\ntrain_0,haze\n")
     with pytest.raises(UsageError, match=r"train-jpg .*--image_root"):
