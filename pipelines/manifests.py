@@ -37,7 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.fetch import FetchError, resolve_uri
 from pipelines.options import ManifestOptions
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, rejection
-from tagbeam.dataset import Rejection
+from tagbeam.dataset import Rejection, check_label
 from tagbeam.flags import UsageError
 
 MOVIE_GENRE_COLUMNS = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
@@ -290,6 +290,10 @@ def _row_or_reject(file: str, row: int, id_: str, uri: str, base: str | None,
         return rejection(file, row, id_, uri, "parse", "missing_id", f"row {row} of {file} has no id")
     if not uri:
         return rejection(file, row, id_, uri, "parse", "missing_uri", f"row {row} of {file} has no image URI")
+    for label in labels:
+        problem = check_label(label)  # labels.txt holds one label per line: a line break would split it
+        if problem:
+            return rejection(file, row, id_, uri, "parse", "bad_label", f"label {label[:80]!r}: {problem}")
     try:
         resolved = resolve_uri(uri, base)
     except FetchError as err:

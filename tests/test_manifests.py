@@ -115,6 +115,16 @@ def test_planet_names_and_voc_ids_are_names_not_paths_or_urls(tmp_path):
     assert (traversal.stage, traversal.reason) == ("parse", "bad_id") and horse.labels == ("horse", "person")
 
 
+def test_a_label_with_a_line_break_is_its_rows_rejection(tmp_path):
+    # labels.txt holds one label per line: such a label would publish a dataset whose labels.txt
+    # disagrees with dataset.json.
+    path = write(tmp_path / "m.jsonl", '{"uri": "a.jpg", "labels": ["cat", "two\\nlines"]}\n'
+                                       '{"uri": "b.jpg", "labels": ["cat", "do\\u2028g"]}\n{"uri": "c.jpg", "labels": ["cat"]}\n')
+    bad, separator, good = parse(manifests.resolve_spec(ManifestOptions(input=path)), path)
+    assert (bad.stage, bad.reason) == ("parse", "bad_label") and "line break" in bad.detail
+    assert separator.reason == "bad_label" and good.labels == ("cat",)
+
+
 def test_planet_without_image_folder_says_which_flag(tmp_path):
     path = write(tmp_path / "train_v2.csv", "image_name,tags\ntrain_0,haze\n")
     with pytest.raises(UsageError, match=r"train-jpg .*--image_root"):
