@@ -26,6 +26,7 @@ import os
 import posixpath
 import random
 import socket
+import stat
 import threading
 import time
 import urllib.parse
@@ -148,9 +149,9 @@ def _scheme(uri: str) -> str:
 def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
     """Returns the bytes behind `uri` (resolved against `base` first), retrying transient faults.
 
-    Local files are read when they lie under a local `base` (lexically: a symlink inside the base
-    folder is followed, since only the manifest, not the file system, is untrusted) or when
-    `options.allow_local_files` is set. Raises FetchError.
+    Local files are read when they lie under a local `base`, symlinks resolved (a link inside the
+    manifest's folder may not lead out of it: whoever wrote the manifest may have made the links
+    too), or anywhere when `options.allow_local_files` is set; only regular files. Raises FetchError.
     """
     try:
         resolved = resolve_uri(uri, base)
@@ -220,10 +221,17 @@ def _reader(resolved: str, base: str | None, options: FetchOptions) -> Callable[
 
 
 def _is_under_local_base(path: str, base: str | None) -> bool:
-    if base is None or urllib.parse.urlsplit(base).scheme:
+    """Whether `path` is a file under the local folder `base`, symlinks resolved: a link inside the
+    manifest's folder may not lead outside it (unless allow_local_files, which skips this check)."""
+    if base is None or _scheme(base):
         return False
-    root = os.path.normpath(os.path.abspath(base))
-    return os.path.normpath(path).startswith(root.rstrip(os.sep) + os.sep)
+    if not os.path.normpath(path).startswith(os.path.normpath(os.path.abspath(base)).rstrip(os.sep) + os.sep):
+        return False
+    real = os.path.realpath(path)
+    if not real.startswith(os.path.realpath(os.path.abspath(base)).rstrip(os.sep) + os.sep):
+        raise FetchError("escapes_base", f"{path} is a link to {real}, outside {base!r}; only files under the "
+                                         "base folder may be read (or enable allow_local_files)")
+    return True
 
 
 def _backoff_s(attempt: int, options: FetchOptions, retry_after_s: float | None) -> float:
@@ -238,6 +246,10 @@ def _backoff_s(attempt: int, options: FetchOptions, retry_after_s: float | None)
 
 def _read_local(path: str, options: FetchOptions) -> bytes:
     try:
+        # Only regular files: opening a FIFO (or /dev/stdin) would block the worker with no deadline.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise FetchError("not_a_file", f"{path} is not a regular file (a FIFO, device or folder); only "
+                                           "image files are read")
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size > options.max_bytes:
                 raise _too_large(path, options)

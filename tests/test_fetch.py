@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime
 import http.server
+import os
 import pickle
 import socket
 import ssl
@@ -302,3 +303,22 @@ def test_https_connects_to_the_checked_address_but_verifies_the_name(tmp_path, m
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_local_reads_stay_in_the_folder_and_read_only_regular_files(tmp_path):
+    base = tmp_path / "manifest"
+    (base / "images").mkdir(parents=True)
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(b"outside")
+    (base / "images" / "link.jpg").symlink_to(secret)
+    (base / "images" / "inside.jpg").write_bytes(b"inside")
+    (base / "images" / "alias.jpg").symlink_to(base / "images" / "inside.jpg")
+    assert fetch("images/alias.jpg", FetchOptions(), str(base)) == b"inside"  # a link that stays inside
+    assert reason_of("images/link.jpg", FetchOptions(), str(base)) == "escapes_base"
+    assert fetch("images/link.jpg", FetchOptions(allow_local_files=True), str(base)) == b"outside"
+    fifo = base / "images" / "pipe.jpg"
+    os.mkfifo(fifo)
+    start = time.monotonic()
+    assert reason_of("images/pipe.jpg", FetchOptions(), str(base)) == "not_a_file"
+    assert reason_of("/dev/stdin", FetchOptions(allow_local_files=True)) == "not_a_file"
+    assert time.monotonic() - start < 5  # refused, not blocked waiting for a writer
