@@ -146,7 +146,19 @@ class Header:
 
 
 def read_header(path: str) -> Header:
-    """Column names of a manifest file and whether it has at least one data row."""
+    """Column names of a manifest file and whether it has at least one data row. A file that cannot
+    be read as its kind (a corrupt .gz, a .parquet that is not Parquet, a header cell beyond the CSV
+    field limit) is a UsageError naming it: a job-level problem, found before any work."""
+    try:
+        return _read_header(path)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - gzip, zlib, pyarrow and csv each raise their own
+        raise UsageError(f"--input {path}: cannot read it as a {manifest_kind(path)} manifest "
+                         f"({type(err).__name__}: {str(err)[:200]}); check the file and its extension") from None
+
+
+def _read_header(path: str) -> Header:
     kind = manifest_kind(path)
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -464,8 +476,16 @@ class _ParseFile(beam.DoFn):
         self._spec = spec
 
     def process(self, path: str) -> Iterator[Any]:
-        with FileSystems.open(path) as handle:
-            yield from _emit(parse_table(self._spec, path, handle))
+        number = 0
+        try:
+            with FileSystems.open(path) as handle:
+                for result in parse_table(self._spec, path, handle):
+                    number = result.row  # a Row or a Rejection
+                    yield from _emit([result])
+        except Exception as err:  # noqa: BLE001 - a file that breaks mid-way (corrupt compression) costs its rest
+            yield rejected(rejection(path, number + 1, "", "", "parse", "unreadable_file",
+                                     f"reading {path} stopped after row {number}: {type(err).__name__}: "
+                                     f"{str(err)[:200]}; the rows after it could not be read"))
 
 
 class _ParseVoc(beam.DoFn):

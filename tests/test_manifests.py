@@ -221,3 +221,36 @@ def test_user_errors_name_the_file_and_what_to_do(tmp_path):
         manifests.resolve_spec(ManifestOptions(input=write(tmp_path / "zero.csv", b"")))
     with pytest.raises(UsageError, match="folder without Annotations"):
         manifests.resolve_spec(ManifestOptions(input=str(tmp_path)))
+
+
+def test_an_unreadable_manifest_is_one_clear_error_before_any_work(tmp_path):
+    import gzip
+
+    corrupt = tmp_path / "m.csv.gz"
+    corrupt.write_bytes(gzip.compress(b"uri,labels\na.jpg,cat\n")[:12] + b"\x00garbage")
+    not_parquet = write(tmp_path / "m.parquet", "uri,labels\na.jpg,cat\n")
+    huge_header = write(tmp_path / "big.csv", "uri," + "x" * 200_000 + "\na.jpg,cat\n")
+    for path in (str(corrupt), not_parquet, huge_header):
+        with pytest.raises(UsageError, match=r"--input .*: cannot read it as a (csv|parquet) manifest"):
+            manifests.resolve_spec(ManifestOptions(input=path))
+
+
+def test_a_file_that_breaks_mid_way_is_recorded_not_a_crash(tmp_path):
+    import apache_beam as beam
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from apache_beam.testing.util import assert_that, equal_to
+
+    # Its footer (what resolve_spec reads) is intact; a data page in the middle is not.
+    table = pa.table({"uri": [f"{os.urandom(8).hex()}.jpg" for _ in range(20_000)], "labels": ["cat"] * 20_000})
+    path = tmp_path / "m.parquet"
+    pq.write_table(table, path, row_group_size=5000, compression="snappy")
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 200] = bytes(b ^ 0x5A for b in data[middle:middle + 200])
+    path.write_bytes(bytes(data))
+    spec = manifests.resolve_spec(ManifestOptions(input=str(path)))
+    with beam.Pipeline("FnApiRunner") as p:
+        parsed = p | manifests.ReadManifest(spec)
+        records = parsed.rejected | beam.Map(lambda r: (r.stage, r.reason, "could not be read" in r.detail))
+        assert_that(records, equal_to([("parse", "unreadable_file", True)]))
