@@ -21,7 +21,7 @@ from pipelines.manifests import Row
 from pipelines.outcomes import count, reject_row, rejected
 from pipelines.shards import Encoded, ShardPlan, plan_shard_counts, shard_key
 from pipelines.splits import split_of
-from tagbeam.dataset import Rejection
+from tagbeam.dataset import Rejection, unexpected
 
 _LOG = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def decoded_or_rejection(row: Row, decode: Callable[[], bytes]) -> bytes | Rejec
     except images.ImageError as err:
         return reject_row(row, "decode", err.reason, err.detail)
     except Exception as err:  # noqa: BLE001 - the bytes cost their row only
-        return reject_row(row, "decode", f"unexpected_{type(err).__name__}", f"{type(err).__name__}: {str(err)[:200]}")
+        return reject_row(row, "decode", *unexpected(err))
 
 
 def _label_ids(row: Row, index: Mapping[str, int], keep_unlabeled: bool) -> tuple[int, ...] | Rejection:

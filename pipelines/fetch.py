@@ -44,6 +44,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import parse_url
 
+from tagbeam.dataset import unexpected
 from tagbeam.flags import at_least, check_fields, option, positive
 
 USER_AGENT = "tagbeam/0.1"
@@ -168,8 +169,8 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
     except FetchError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever a URI, a redirect or a server holds, it costs one row
-        raise FetchError("bad_uri" if isinstance(err, ValueError) else f"unexpected_{type(err).__name__}",
-                         f"{uri[:200]!r}: {type(err).__name__}: {err}") from None
+        reason, detail = unexpected(err)
+        raise FetchError("bad_uri" if isinstance(err, ValueError) else reason, f"{uri[:200]!r}: {detail}") from None
 
 
 def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = None) -> list[bytes | FetchError]:

@@ -37,7 +37,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.fetch import FetchError, resolve_uri
 from pipelines.options import ManifestOptions
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, rejection
-from tagbeam.dataset import Rejection, check_label
+from tagbeam.dataset import Rejection, check_label, unexpected
 from tagbeam.flags import UsageError
 
 MOVIE_GENRE_COLUMNS = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
@@ -373,8 +373,8 @@ def parse_table(spec: ManifestSpec, path: str, handle: io.IOBase) -> Iterator[Pa
         try:
             yield _parse_record(spec, path, base, columns, number, record)
         except Exception as err:  # noqa: BLE001 - whatever a cell holds, it costs its row only
-            yield rejection(path, number, "", "", "parse", f"unexpected_{type(err).__name__}",
-                            f"row {number} of {path}: {type(err).__name__}: {str(err)[:200]}")
+            reason, detail = unexpected(err)
+            yield rejection(path, number, "", "", "parse", reason, f"row {number} of {path}: {detail}")
 
 
 def _parse_record(spec: ManifestSpec, path: str, base: str, columns: list[str], number: int,

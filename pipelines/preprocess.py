@@ -39,7 +39,7 @@ from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, Spli
 from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, WriteRejected
 from pipelines.shards import ShardPlan, WriteShards
 from tagbeam import console, flags, storage
-from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT
+from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT, labels_text
 from tagbeam.flags import UsageError
 
 _LOG = logging.getLogger("pipelines.preprocess")
@@ -198,7 +198,7 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
         vocab_path = None
         if fixed:
             # A normalized copy (no blank lines or padding) that every worker can read as a TFT asset.
-            vocab_path = storage.write_text(storage.join(work_dir, "vocab.txt"), "".join(f"{label}\n" for label in fixed))
+            vocab_path = storage.write_text(storage.join(work_dir, "vocab.txt"), labels_text(fixed))
         paths = _Paths(work_dir, transform_dir,
                        storage.join(work_dir, TRANSFORM_OUTPUT) if staged else transform_dir, vocab_path)
         _LOG.info("%s manifest %s (%d file(s))", spec.format, job.manifest.input, len(spec.files))

@@ -119,6 +119,12 @@ class Rejection(NamedTuple):
         return cls(**json.loads(line))
 
 
+def unexpected(err: BaseException) -> tuple[str, str]:
+    """(reason, detail) of a rejection for an exception no more specific rule names: the reason is
+    `unexpected_<ExceptionType>`, so counters and the dead letter say what actually happened."""
+    return f"unexpected_{type(err).__name__}", f"{type(err).__name__}: {str(err)[:200]}"
+
+
 def rejected_file_pattern(folder: str) -> str:
     return storage.join(folder, f"{REJECTED_PREFIX}-*{REJECTED_SUFFIX}")
 
