@@ -11,7 +11,8 @@ Manifests such as MovieGenre.csv come from the internet, so every URI is treated
   certificate for the host name), so DNS rebinding between the check and the connect cannot
   redirect a request to a blocked address;
 - size and time are bounded: Content-Length over `max_bytes` is refused before reading, the body is
-  streamed with a byte bound, every read has a time-out and the whole transfer a deadline.
+  streamed with a byte bound, every read has a time-out, and each row has one deadline that covers
+  everything it costs (connect, status line, headers, body, every redirect, retries and back-off).
 
 Everything here is plain Python that pickles: the urllib3 pool and the GCS client are created
 lazily once per process (and re-created after a fork), never pickled.
@@ -19,8 +20,11 @@ lazily once per process (and re-created after a fork), never pickled.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import email.utils
+import http.client
+import io
 import ipaddress
 import os
 import posixpath
@@ -34,6 +38,7 @@ import urllib.request
 from collections.abc import Callable, Sequence
 
 import urllib3
+import urllib3.connection
 from urllib3.exceptions import (
     ConnectTimeoutError,
     IncompleteRead,
@@ -77,9 +82,11 @@ class FetchOptions:
     """Fetching images (URLs nobody on your team wrote)."""
 
     timeout_s: float = option(10.0, flag="fetch_timeout_s", check=positive, help="connect and per-read time-out")
-    # Bound on one whole transfer, so a server trickling bytes cannot hold a thread for hours.
-    transfer_timeout_s: float = option(120.0, flag="fetch_transfer_timeout_s", check=positive,
-                                       help="bound on one whole download, however the bytes trickle in")
+    # One budget per row rather than per read or per attempt: a server dripping a byte a second passes
+    # every per-read time-out, and retrying it would only buy another drip.
+    deadline_s: float = option(120.0, flag="fetch_deadline_s", check=positive,
+                               help="time budget of one image: connect, status line, headers, body, redirects, "
+                                    "retries and back-off all count; a row over it is rejected as a time-out")
     max_bytes: int = option(20 * 2**20, flag="max_download_bytes", check=positive,
                             help="bound on a body (streamed; reading stops beyond it)")
     max_redirects: int = option(5, check=at_least(0), help="redirects followed, each hop re-checked")
@@ -154,23 +161,51 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
     manifest's folder may not lead out of it: whoever wrote the manifest may have made the links
     too), or anywhere when `options.allow_local_files` is set; only regular files. Raises FetchError.
     """
+    deadline = time.monotonic() + options.deadline_s
     try:
         resolved = resolve_uri(uri, base)
         read = _reader(resolved, base, options)
         attempt = 0
-        while True:
-            try:
-                return read()
-            except FetchError as err:
-                if not err.retryable or attempt >= options.retries:
-                    raise
-                time.sleep(_backoff_s(attempt, options, err.retry_after_s))
-                attempt += 1
+        with _row_deadline(deadline):
+            while True:
+                try:
+                    return read()
+                except FetchError as err:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise FetchError("timeout", f"{resolved[:200]} took longer than the row's budget of "
+                                                    f"{options.deadline_s:g} s (--fetch_deadline_s); last: "
+                                                    f"{err.detail}") from None
+                    sleep_s = _backoff_s(attempt, options, err.retry_after_s)
+                    if not err.retryable or attempt >= options.retries or sleep_s >= left:
+                        raise
+                    time.sleep(sleep_s)
+                    attempt += 1
     except FetchError:
         raise
     except Exception as err:  # noqa: BLE001 - whatever a URI, a redirect or a server holds, it costs one row
         reason, detail = unexpected(err)
         raise FetchError("bad_uri" if isinstance(err, ValueError) else reason, f"{uri[:200]!r}: {detail}") from None
+
+
+# The deadline of the row the current thread is fetching; read by _DeadlineReader, which http.client
+# creates where no argument of ours reaches (one row is fetched by one thread from start to end).
+_deadline_of_thread = threading.local()
+
+
+@contextlib.contextmanager
+def _row_deadline(deadline: float):
+    _deadline_of_thread.value = deadline
+    try:
+        yield
+    finally:
+        _deadline_of_thread.value = None
+
+
+def _left_s() -> float | None:
+    """Seconds left of the current row's deadline, or None outside a fetch."""
+    deadline = getattr(_deadline_of_thread, "value", None)
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = None) -> list[bytes | FetchError]:
@@ -272,6 +307,65 @@ def _too_large(where: str, options: FetchOptions, size: int | None = None) -> Fe
 
 # --- http(s) ---------------------------------------------------------------------------------
 
+class _DeadlineReader(io.RawIOBase):
+    """The socket as http.client reads it, each read waiting at most what is left of the row's deadline,
+    so a server dripping its status line, headers or body a byte at a time cannot stretch a row past it
+    (the socket's own time-out restarts with every byte)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self._read_timeout = sock.gettimeout()  # urllib3 sets the read time-out just before this
+        self._io = sock.makefile("rb", buffering=0)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        left = _left_s()
+        if left is not None:
+            if left <= 0:
+                raise TimeoutError("the row's fetch deadline passed")
+            self._sock.settimeout(left if self._read_timeout is None else min(self._read_timeout, left))
+        return self._io.readinto(buffer)
+
+    def close(self) -> None:
+        self._io.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """What http.client.HTTPResponse is given instead of the socket: it only calls makefile."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        assert mode == "rb", mode
+        return io.BufferedReader(_DeadlineReader(self._sock))
+
+
+class _DeadlineResponse(http.client.HTTPResponse):
+    def __init__(self, sock: socket.socket, *args, **kwargs) -> None:
+        super().__init__(_DeadlineSocket(sock), *args, **kwargs)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    response_class = _DeadlineResponse
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    response_class = _DeadlineResponse
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
 _pool_lock = threading.Lock()
 _pool: urllib3.PoolManager | None = None
 _pool_pid = -1
@@ -284,6 +378,7 @@ def _http() -> urllib3.PoolManager:
             # maxsize above fetch_many's default width, so parallel fetches from one host reuse
             # their connections instead of discarding them.
             _pool = urllib3.PoolManager(num_pools=64, maxsize=32, retries=False)
+            _pool.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
             _pool_pid = os.getpid()
         return _pool
 
@@ -402,7 +497,11 @@ def _send(target: _Target, options: FetchOptions) -> urllib3.BaseHTTPResponse:
         # SNI and certificate checks use the name, while the socket goes to the pinned address.
         name = target.host.strip("[]")
         tls = {"server_hostname": name, "assert_hostname": name}
-    timeout = urllib3.Timeout(connect=options.timeout_s, read=options.timeout_s)
+    left = _left_s()
+    if left is not None and left <= 0:
+        raise FetchError("timeout", f"no time left of the row's budget to request {target.url}")
+    wait = options.timeout_s if left is None else min(options.timeout_s, left)
+    timeout = urllib3.Timeout(connect=wait, read=wait)
     failure: Exception | None = None
     for address in target.addresses:
         pool = _http().connection_from_host(address, target.port, target.scheme, pool_kwargs=tls)
@@ -458,19 +557,13 @@ def _read_body(response: urllib3.BaseHTTPResponse, url: str, options: FetchOptio
     declared = response.headers.get("Content-Length", "")
     if declared.isdigit() and int(declared) > options.max_bytes:
         raise _too_large(url, options, int(declared))
-    deadline = time.monotonic() + options.transfer_timeout_s
     chunks: list[bytes] = []
     size = 0
-    # read1 returns whatever one socket read gives, so the deadline is checked even when a
-    # server trickles bytes slower than a chunk per time-out.
     while chunk := response.read1(_CHUNK_BYTES):
         chunks.append(chunk)
         size += len(chunk)
         if size > options.max_bytes:
             raise _too_large(url, options)
-        if time.monotonic() > deadline:
-            raise FetchError("timeout", f"{url} took longer than {options.transfer_timeout_s} s",
-                             retryable=True)
     # urllib3 enforces Content-Length itself; this guards the case where it does not raise.
     if declared.isdigit() and size < int(declared):
         raise FetchError("truncated", f"{url}: got {size} of {declared} bytes", retryable=True)
@@ -514,13 +607,15 @@ def _get_gcs(uri: str, options: FetchOptions) -> bytes:
         raise FetchError("bad_uri", f"{uri!r} is not gs://bucket/object")
     try:
         # retry=None: the one retry policy is fetch()'s, the same for every scheme.
-        blob = _gcs().bucket(bucket_name).get_blob(name, timeout=options.timeout_s, retry=None)
+        left = _left_s()
+        timeout = options.timeout_s if left is None else max(0.001, min(options.timeout_s, left))
+        blob = _gcs().bucket(bucket_name).get_blob(name, timeout=timeout, retry=None)
         if blob is None:
             raise FetchError("not_found", f"no such object: {uri}")
         if blob.size is not None and blob.size > options.max_bytes:
             raise _too_large(uri, options, blob.size)
         # Pinned to the generation whose size was checked: a replaced object fails with 412 (retried).
-        return blob.download_as_bytes(timeout=options.timeout_s, retry=None,
+        return blob.download_as_bytes(timeout=timeout, retry=None,
                                       if_generation_match=blob.generation)
     except gexc.NotFound:
         raise FetchError("not_found", f"no such object: {uri}") from None

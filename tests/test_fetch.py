@@ -88,46 +88,78 @@ def test_oversized_bodies_are_refused_from_content_length_without_reading(http_s
 
 
 class EndlessBody:
-    """A raw HTTP server that streams zeros with no Content-Length (the case only a byte bound stops),
-    `chunk` bytes every `pause_s` seconds."""
+    """A raw HTTP server: answers `head` (a status line and headers, no Content-Length), then zeros
+    until `limit` bytes (the case only a byte bound stops), `chunk` bytes every `pause_s` seconds; the
+    head too is sent `chunk` bytes at a time when `drip_head`. Serves every connection it gets."""
 
-    def __init__(self, limit: int, chunk: int = 65536, pause_s: float = 0.0) -> None:
-        self.limit, self.chunk, self.pause_s, self.sent, self.request = limit, chunk, pause_s, 0, b""
+    HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n\r\n"
+
+    def __init__(self, limit: int, chunk: int = 65536, pause_s: float = 0.0, drip_head: bool = False) -> None:
+        self.limit, self.chunk, self.pause_s, self.drip_head = limit, chunk, pause_s, drip_head
+        self.sent, self.request, self.connections = 0, b"", 0
+        self.answered = threading.Event()  # set when the first answer ends
         self.sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/endless.jpg"
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
-        conn, _ = self.sock.accept()
+        self.sock.settimeout(30)
+        try:
+            while True:
+                conn, _ = self.sock.accept()
+                self.connections += 1
+                threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+        except OSError:  # closed, or nobody came back
+            pass
+
+    def _answer(self, conn: socket.socket) -> None:
         with conn:
             while b"\r\n\r\n" not in self.request:
                 self.request += conn.recv(4096)
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: image/jpeg\r\nConnection: close\r\n\r\n")
+            head = self.HEAD
             try:
+                while self.drip_head and head:
+                    conn.sendall(head[:self.chunk])
+                    head = head[self.chunk:]
+                    time.sleep(self.pause_s)
+                conn.sendall(head)
                 while self.sent < self.limit:
                     conn.sendall(b"\0" * self.chunk)
                     self.sent += self.chunk
                     time.sleep(self.pause_s)
             except OSError:  # the client hung up, as it should
                 pass
+        self.answered.set()
+
+    def close(self) -> None:
         self.sock.close()
 
 
 def test_stream_without_length_stops_at_max_bytes_and_sends_user_agent():
     server = EndlessBody(limit=200 * 2**20)
     assert reason_of(server.url, FetchOptions(allow_loopback=True, max_bytes=256 * 1024)) == "too_large"
-    server.thread.join(timeout=10)
+    assert server.answered.wait(timeout=10)
+    server.close()
     assert server.sent < 50 * 2**20  # kernel buffers hold a few MB; reading all 200 MB would not stop here
     assert b"\r\nuser-agent: tagbeam/0.1\r\n" in server.request.lower()
 
 
-def test_a_trickling_server_hits_the_transfer_deadline():
-    server = EndlessBody(limit=10**6, chunk=1, pause_s=0.05)  # every read is quick, the body never ends
-    options = FetchOptions(allow_loopback=True, timeout_s=2.0, transfer_timeout_s=0.5, retries=0)
+@pytest.mark.parametrize("drip_head", [False, True], ids=["body", "status_line_and_headers"])
+def test_a_dripping_server_costs_one_deadline_and_is_not_retried(drip_head):
+    # Every read is quick (a byte per 0.05 s, under the 2 s read time-out); only the row's deadline stops it.
+    server = EndlessBody(limit=10**6, chunk=1, pause_s=0.05, drip_head=drip_head)
+    options = FetchOptions(allow_loopback=True, timeout_s=2.0, deadline_s=0.6, retries=3, backoff_s=0.01)
     start = time.monotonic()
-    assert reason_of(server.url, options) == "timeout"
-    assert time.monotonic() - start < 1.5
+    with pytest.raises(FetchError) as err:
+        fetch(server.url, options)
+    took = time.monotonic() - start
+    server.close()
+    assert err.value.reason == "timeout" and "--fetch_deadline_s" in err.value.detail
+    assert 0.5 < took < 1.2
+    assert server.connections == 1  # a dripping host would drip again: no retry
+    if drip_head:
+        assert server.sent == 0  # it never got past the head
 
 
 def test_redirects_are_bounded(http_server):
