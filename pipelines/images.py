@@ -14,7 +14,10 @@ Resizing is bilinear with antialiasing (Pillow's BILINEAR filter widens with the
 the same with TF ops. The exact geometry of each policy is in `resize`.
 
 Safety: only the formats below are opened (Pillow plugins such as EPS run external programs), the
-pixel count is checked from the header before any pixel is decoded, and truncated files are errors
+pixel count and the decoded size (pixels x samples per pixel x bytes per sample: a 16-bit TIFF with
+200 samples per pixel is small as a file and huge decoded) are checked from the header before any
+pixel is decoded, high-bit images are reduced in blocks of rows so that the work on them costs a
+bounded multiple of their decoded size, and truncated files are errors
 (Pillow's LOAD_TRUNCATED_IMAGES is left off). Pillow's own DecompressionBombError is reported as
 `too_many_pixels` too. Its DecompressionBombWarning is not turned into an error: that takes
 `warnings.catch_warnings`, which is process-global and unsafe in Beam's threaded workers; with the
@@ -90,21 +93,27 @@ class ImageOptions:
                                    help="chroma subsampling of the stored JPEGs (4:2:0, as most source JPEGs are)")
     max_pixels: int = option(50_000_000, flag="max_image_pixels", check=positive,
                              help="refuse images with more pixels, checked from the header (decompression bombs)")
+    # What one decode may hold, whatever the format: 200 MiB admits every 8-bit image of up to 4 bands
+    # under the default pixel bound, and is the memory a worker must afford per decoding thread.
+    max_decoded_bytes: int = option(200 * 2**20, check=positive,
+                                    help="refuse images whose decoded samples (width x height x samples per "
+                                         "pixel x bytes per sample, from the header) would take more memory")
 
     def __post_init__(self) -> None:
         check_fields(self)
 
 
-def to_rgb(data: bytes, max_pixels: int) -> Image.Image:
-    """Decodes `data` into an 8-bit RGB image (rules in the module docstring). Raises ImageError."""
+def to_rgb(data: bytes, options: ImageOptions = ImageOptions()) -> Image.Image:
+    """Decodes `data` into an 8-bit RGB image (rules in the module docstring) within the bounds of
+    `options` (only its max_pixels and max_decoded_bytes apply). Raises ImageError."""
     with _as_image_errors():
-        return _decode(data, max_pixels, draft_side=None).image
+        return _decode(data, options, draft_side=None).image
 
 
 def process(data: bytes, options: ImageOptions) -> bytes:
     """Decodes, resizes by `options.policy` and encodes as `options.output_format`. Raises ImageError."""
     with _as_image_errors():
-        decoded = _decode(data, options.max_pixels, draft_side=DRAFT_MARGIN * options.size)
+        decoded = _decode(data, options, draft_side=DRAFT_MARGIN * options.size)
         resized = _resize(decoded, options.size, options.policy)
         return _encode(resized, options)
 
@@ -169,17 +178,19 @@ def _resample(decoded: _Decoded, region: tuple[int, int, int, int], out_size: tu
     return img.resize(out_size, Image.Resampling.BILINEAR, box=box, reducing_gap=None)
 
 
-def _decode(data: bytes, max_pixels: int, draft_side: int | None) -> _Decoded:
+def _decode(data: bytes, limits: ImageOptions, draft_side: int | None) -> _Decoded:
     try:
         img = Image.open(io.BytesIO(data), formats=_PILLOW_FORMATS)
     except UnidentifiedImageError:
         if data[:4] in _TIFF_MAGIC:  # e.g. Planet's 4-band uint16 chips, which Pillow refuses
-            return _whole(_tiff_rgb(data, max_pixels))
+            return _whole(_tiff_rgb(data, limits))
         raise ImageError("not_an_image", f"not a {'/'.join(_PILLOW_FORMATS)} image "
                                          f"(starts with {data[:16]!r})") from None
-    _check_pixels(img.size, max_pixels)
+    _check_pixels(img.size, limits.max_pixels)
     if img.format == "TIFF" and _max_bits(img) > 8:
-        return _whole(_tiff_rgb(data, max_pixels))  # Pillow would keep only the high byte
+        return _whole(_tiff_rgb(data, limits))  # Pillow would keep only the high byte
+    bytes_per_sample = 4 if img.mode in ("I", "F") else 2 if img.mode.startswith("I;16") else 1
+    _check_decoded_bytes(img.size, len(img.getbands()), bytes_per_sample, limits.max_decoded_bytes)
     source_size, scale = img.size, 1
     upright = img.getexif().get(ExifTags.Base.Orientation, 1) == 1
     # Draft only upright JPEGs: a rotation would move the fractional edge the geometry relies on.
@@ -212,6 +223,15 @@ def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
                                             f"limit of {max_pixels} (a decompression bomb, or raise the limit)")
 
 
+def _check_decoded_bytes(size: tuple[int, int], samples: int, bytes_per_sample: int, limit: int) -> None:
+    width, height = size
+    decoded = width * height * samples * bytes_per_sample
+    if decoded > limit:
+        raise ImageError("too_large_decoded", f"{width} x {height} pixels x {samples} samples x {bytes_per_sample} "
+                                              f"bytes = {decoded} bytes decoded is over the limit of {limit} "
+                                              "(--max_decoded_bytes; raise it if such images are expected)")
+
+
 def _max_bits(img: Image.Image) -> int:
     bits = img.tag_v2.get(_TIFF_BITS_PER_SAMPLE, 8)
     return max(bits) if isinstance(bits, tuple) else int(bits)
@@ -222,19 +242,38 @@ def _on_white(rgba: Image.Image) -> Image.Image:
     return Image.alpha_composite(white, rgba).convert("RGB")
 
 
-def _to_uint8(samples: np.ndarray) -> np.ndarray:
-    """The per-image 2nd-98th percentile stretch of the module docstring."""
-    if samples.dtype == np.uint8:
-        return samples
-    values = samples.astype(np.float64)
-    low, high = np.percentile(values, _STRETCH_PERCENTILES)
+# Rows are reduced to 8 bits in blocks of about this many samples: the float64 arithmetic of the
+# stretch would otherwise hold 8 bytes per sample (4x a 16-bit image) several times over.
+_BLOCK_SAMPLES = 2**20
+
+
+def _stretch_range(samples: np.ndarray) -> tuple[float, float]:
+    """The input range of the per-image stretch of the module docstring."""
+    low, high = (float(v) for v in np.percentile(samples, _STRETCH_PERCENTILES))
     if high <= low:
         low = 0.0
         high = float(np.iinfo(samples.dtype).max) if samples.dtype.kind in "ui" else 1.0
-    return np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    return low, high
 
 
-def _tiff_rgb(data: bytes, max_pixels: int) -> Image.Image:
+def _to_uint8(samples: np.ndarray, stretch: tuple[float, float] | None = None) -> np.ndarray:
+    """`samples` stretched to 8 bits by `stretch` (low, high), by default their own range."""
+    if samples.dtype == np.uint8:
+        return samples
+    low, high = stretch or _stretch_range(samples)
+    out = np.empty(samples.shape, np.uint8)
+    for rows in _row_blocks(samples):
+        out[rows] = np.clip(np.rint((samples[rows].astype(np.float64) - low) * (255.0 / (high - low))), 0, 255)
+    return out
+
+
+def _row_blocks(array: np.ndarray) -> Iterator[slice]:
+    step = max(1, _BLOCK_SAMPLES // max(1, array[:1].size))
+    for start in range(0, len(array), step):
+        yield slice(start, start + step)
+
+
+def _tiff_rgb(data: bytes, limits: ImageOptions) -> Image.Image:
     """TIFFs Pillow cannot read or would reduce: more than 8 bits per sample, or 4-band chips.
 
     Bands: 1 = grey; 2 = grey + alpha; 3 = RGB; 4 = RGB + alpha when the file marks an alpha
@@ -245,9 +284,11 @@ def _tiff_rgb(data: bytes, max_pixels: int) -> Image.Image:
     try:
         with tifffile.TiffFile(io.BytesIO(data)) as tif:
             page = tif.pages[0]
-            if not (isinstance(page.imagewidth, int) and isinstance(page.imagelength, int)):
-                raise ImageError("corrupt", "TIFF header has no single image width and height")
-            _check_pixels((page.imagewidth, page.imagelength), max_pixels)
+            if not all(isinstance(v, int) for v in (page.imagewidth, page.imagelength, page.imagedepth)):
+                raise ImageError("corrupt", "TIFF header has no single image width, height and depth")
+            _check_pixels((page.imagewidth, page.imagelength), limits.max_pixels)
+            _check_decoded_bytes((page.imagewidth, page.imagelength * page.imagedepth), page.samplesperpixel,
+                                 max(1, -(-page.bitspersample // 8)), limits.max_decoded_bytes)
             samples = page.asarray()
             axes, photometric, extra = page.axes, page.photometric, tuple(page.extrasamples)
     except ImageError:
@@ -267,18 +308,26 @@ def _tiff_rgb(data: bytes, max_pixels: int) -> Image.Image:
                                         f"{photometric!r}) is not grey, RGB or 4-band BGRN")
     has_alpha = bands in (2, 4) and len(extra) > 0 and extra[0] in (
         tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
-    if bands == 4 and not has_alpha:
-        colour = samples[..., [2, 1, 0]]
-    else:
-        colour = np.repeat(samples[..., :1], 3, axis=-1) if bands <= 2 else samples[..., :3]
-    rgb = _to_uint8(colour)
-    if has_alpha:
-        alpha = samples[..., -1:].astype(np.float64)
-        if samples.dtype.kind in "ui":
-            alpha /= np.iinfo(samples.dtype).max
-        alpha = np.clip(alpha, 0.0, 1.0)
-        rgb = np.rint(rgb * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    if samples.dtype == np.bool_:
+        samples = samples.astype(np.uint8) * np.uint8(255)  # what the stretch makes of 0/1 images
+    colour_bands = 1 if bands <= 2 else 3
+    # The stretch's percentiles do not depend on the order of the bands (B, G, R -> R, G, B below).
+    stretch = None if samples.dtype == np.uint8 else _stretch_range(samples[..., :colour_bands])
+    rgb = np.empty(samples.shape[:2] + (3,), np.uint8)
+    for rows in _row_blocks(samples):
+        block = samples[rows]
+        if bands == 4 and not has_alpha:
+            colour = block[..., [2, 1, 0]]
+        else:
+            colour = np.repeat(block[..., :1], 3, axis=-1) if bands <= 2 else block[..., :3]
+        rgb[rows] = _to_uint8(colour, stretch)
+        if has_alpha:
+            alpha = block[..., -1:].astype(np.float64)
+            if samples.dtype.kind in "ui":
+                alpha /= np.iinfo(samples.dtype).max
+            alpha = np.clip(alpha, 0.0, 1.0)
+            rgb[rows] = np.rint(rgb[rows] * alpha + 255.0 * (1.0 - alpha))
+    return Image.fromarray(rgb, "RGB")
 
 
 def _encode(img: Image.Image, options: ImageOptions) -> bytes:

@@ -41,10 +41,10 @@ _LOG = logging.getLogger("pipelines.predict")
 ENTRY_POINT = "pipelines.predict"
 SUMMARY_JSON = "summary.json"
 PREDICTIONS_PREFIX = "predictions"
-# Predict reads no labels from the manifest; of the image options only the pixel bound applies
+# Predict reads no labels from the manifest; of the image options only the decoding bounds apply
 # (the model's export fixes the rest).
 _MANIFEST_FLAGS = [f.name for f in dataclasses.fields(ManifestOptions) if f.name not in ("labels_column", "label_delimiter")]
-_IMAGE_FLAGS = ["max_pixels"]
+_IMAGE_FLAGS = ["max_pixels", "max_decoded_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,18 +124,18 @@ class FetchAndCheck(beam.DoFn):
     image in a model batch would fail the batch.
     """
 
-    def __init__(self, options: fetch.FetchOptions, max_pixels: int, stored: StoredImages | None) -> None:
+    def __init__(self, options: fetch.FetchOptions, limits: ImageOptions, stored: StoredImages | None) -> None:
         self._options = options
-        self._image_options = None if stored is None else ImageOptions(
-            size=stored.image_size, policy=stored.resize_policy, output_format=stored.image_format,
-            jpeg_quality=stored.jpeg_quality, jpeg_subsampling=stored.jpeg_subsampling, max_pixels=max_pixels)
-        self._max_pixels = max_pixels
+        self._image_options = None if stored is None else dataclasses.replace(
+            limits, size=stored.image_size, policy=stored.resize_policy, output_format=stored.image_format,
+            jpeg_quality=stored.jpeg_quality, jpeg_subsampling=stored.jpeg_subsampling)
+        self._limits = limits
 
     def _model_input(self, data: bytes) -> bytes:
         if self._image_options is not None:
             return images.process(data, self._image_options)
         buffer = io.BytesIO()
-        images.to_rgb(data, self._max_pixels).save(buffer, format="PNG")
+        images.to_rgb(data, self._limits).save(buffer, format="PNG")
         return buffer.getvalue()
 
     def process(self, batch: Sequence[Row]) -> Iterator[Any]:
@@ -261,7 +261,7 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, model_path: str, label
     unique = parsed.rows | "DropDuplicateIds" >> manifests.DropDuplicateIds()
     checked = (unique.rows
                | "Batch" >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
-               | "FetchAndCheck" >> beam.ParDo(FetchAndCheck(job.fetch, job.image.max_pixels, stored)
+               | "FetchAndCheck" >> beam.ParDo(FetchAndCheck(job.fetch, job.image, stored)
                                                ).with_outputs(REJECTED_TAG, main="rows"))
     # The Row itself is the key: it rides through RunInference untouched, so no join is needed.
     records = (checked.rows

@@ -6,6 +6,7 @@ import pickle
 import random
 import struct
 import time
+import tracemalloc
 import zlib
 
 import numpy as np
@@ -117,7 +118,7 @@ def test_planet_four_band_uint16_tif_is_read_as_bgr_nir(layout):
     if layout.get("planarconfig") == "separate":
         chip = np.moveaxis(chip, -1, 0)
     data = tifffile_bytes(chip, **layout)
-    rgb = np.asarray(to_rgb(data, 10**6)).astype(int)
+    rgb = np.asarray(to_rgb(data, ImageOptions(max_pixels=10**6))).astype(int)
     assert rgb.shape == (30, 40, 3)
     red, green, blue = rgb[..., 0].mean(), rgb[..., 1].mean(), rgb[..., 2].mean()
     assert red > green > blue and rgb[..., 0].max() >= 250  # stretched, in R, G, B order
@@ -130,7 +131,8 @@ def test_sixteen_bit_tiff_alpha_is_composited_on_white():
     rgba[..., 0] = np.linspace(1000, 3000, 20)
     rgba[..., 3] = 65535
     rgba[:, :10, 3] = 0  # left half transparent
-    out = np.asarray(to_rgb(tifffile_bytes(rgba, photometric="rgb", extrasamples=[2]), 10**6)).astype(int)
+    out = np.asarray(to_rgb(tifffile_bytes(rgba, photometric="rgb", extrasamples=[2]),
+                            ImageOptions(max_pixels=10**6))).astype(int)
     assert (out[:, :10] == WHITE).all() and out[:, 10:, 2].max() == 0 and out[:, -1, 0].min() >= 250
 
 
@@ -140,7 +142,7 @@ def test_exif_orientation_is_applied():
     exif = Image.Exif()
     exif[ExifTags.Base.Orientation] = 6  # stored sideways: display rotated 90 degrees clockwise
     data = encode(halves(RED, BLUE, size=(40, 20)), "JPEG", quality=95, exif=exif.tobytes())
-    upright = to_rgb(data, 10**6)
+    upright = to_rgb(data, ImageOptions(max_pixels=10**6))
     assert upright.size == (20, 40)
     top, bottom = np.asarray(upright)[:15].astype(int), np.asarray(upright)[-15:].astype(int)
     assert np.abs(top - RED).max() <= 8 and np.abs(bottom - BLUE).max() <= 8
@@ -169,7 +171,61 @@ def test_decompression_bombs_are_refused_from_the_header():
     assert reason_of(encode(Image.new("RGB", (200, 100)), "JPEG"), ImageOptions(max_pixels=19_999)) == "too_many_pixels"
     with pytest.raises(ImageError, match="too_many_pixels"):
         to_rgb(tifffile_bytes(np.zeros((200, 100, 4), np.uint16), photometric="minisblack",
-                              planarconfig="contig"), max_pixels=19_999)
+                              planarconfig="contig"), ImageOptions(max_pixels=19_999))
+
+
+def zero_tiff(shape: tuple[int, int, int], dtype: type, tile: int = 256) -> bytes:
+    """A zlib-compressed tiled TIFF of zeros, written tile by tile: small as a file and in memory."""
+    out = io.BytesIO()
+    height, width, samples = shape
+    tiles = -(-height // tile) * -(-width // tile)
+    tifffile.imwrite(out, data=(np.zeros((tile, tile, samples), dtype) for _ in range(tiles)), shape=shape,
+                     dtype=dtype, tile=(tile, tile), compression="zlib", compressionargs={"level": 1}, photometric="minisblack",
+                     planarconfig="contig")
+    return out.getvalue()
+
+
+def test_images_too_large_decoded_are_refused_from_the_header_whatever_the_decoder():
+    # The two TIFFs of issue 16: under the pixel bound, small files (a few MB at most), 392 MB and 800 MB
+    # decoded; before this bound they took a job to 4.9 and 3.9 GB peak RSS.
+    planet_like = zero_tiff((7000, 7000, 4), np.uint16)
+    many_samples = zero_tiff((2000, 2000, 200), np.uint8)
+    assert len(planet_like) < 4 * 2**20 and len(many_samples) < 4 * 2**20
+    tracemalloc.start()
+    try:
+        for data in (planet_like, many_samples):
+            with pytest.raises(ImageError) as err:
+                process(data, ImageOptions(size=32))
+            assert err.value.reason == "too_large_decoded" and "--max_decoded_bytes" in err.value.detail
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * 2**20  # refused before any sample was decoded
+    # Pillow's formats are held to the same bound: 200 x 100 RGB is 60,000 bytes decoded.
+    photo = encode(Image.new("RGB", (200, 100)), "PNG")
+    assert reason_of(photo, ImageOptions(size=32, max_decoded_bytes=59_999)) == "too_large_decoded"
+    assert pixels(process(photo, ImageOptions(size=32, output_format="png", max_decoded_bytes=60_000))).shape \
+        == (32, 32, 3)
+
+
+@pytest.mark.parametrize("bands, extrasamples", [(4, None), (3, None), (4, [2])], ids=["bgrn", "rgb", "rgba"])
+def test_high_bit_images_reduced_in_blocks_equal_the_documented_stretch(bands, extrasamples):
+    # 1,100 rows of 1,000 pixels: several blocks of rows, so block edges are crossed.
+    rng = np.random.default_rng(bands)
+    chip = rng.integers(200, 9000, (1100, 1000, bands)).astype(np.uint16)
+    chip[..., -1] = np.linspace(0, 65535, 1000).astype(np.uint16)  # alpha, or NIR
+    if extrasamples:
+        data = tifffile_bytes(chip, photometric="rgb", extrasamples=extrasamples)
+    else:
+        data = tifffile_bytes(chip, photometric="minisblack", planarconfig="contig")
+    colour = chip[..., [2, 1, 0]] if bands == 4 and not extrasamples else chip[..., :3]
+    values = colour.astype(np.float64)
+    low, high = np.percentile(values, (2.0, 98.0))
+    expected = np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+    if extrasamples:
+        alpha = chip[..., -1:].astype(np.float64) / 65535
+        expected = np.rint(expected * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(to_rgb(data)), expected)
 
 
 def test_truncated_and_non_images():
@@ -271,7 +327,7 @@ def test_output_matches_tf_resize_and_is_compact(capsys):
                 assert len(out) * 8 <= float32_bytes
 
     large = photo_jpeg(2000, 1500)
-    assert _decode(large, 10**8, draft_side=2 * size).scale == 2  # draft decoding is really in play
+    assert _decode(large, ImageOptions(max_pixels=10**8), draft_side=2 * size).scale == 2  # draft decoding is really in play
     for policy in ("squash", "crop", "pad"):
         diff = np.abs(pixels(process(large, ImageOptions(size=size, policy=policy, output_format="png")))
                       - tf_reference(large, size, policy))
