@@ -21,6 +21,7 @@ fetched in parallel.
 """
 from __future__ import annotations
 
+import collections
 import csv
 import dataclasses
 import io
@@ -167,6 +168,12 @@ def _read_header(path: str) -> Header:
             meta = pq.ParquetFile(handle)
             return Header(tuple(meta.schema_arrow.names), meta.metadata.num_rows > 0)
     with FileSystems.open(path) as handle:
+        if kind == "csv":  # the header record as the workers will read it (a name may hold a line break)
+            records = (group for _, group, _ in _csv_line_groups(text_lines(handle)) if "".join(group).strip())
+            header = next(records, None)
+            if header is None:
+                return Header((), False)
+            return Header(tuple(c.strip() for c in next(csv.reader(header), [])), next(records, None) is not None)
         lines = (line for line in text_lines(handle) if line.strip())
         first = next(lines, None)
         if first is None:
@@ -182,7 +189,7 @@ def _read_header(path: str) -> Header:
             raise UsageError(f"{path}: the first line is not a JSON object; a .jsonl manifest holds one "
                              "JSON object per line")
         return Header(tuple(record), True)
-    return Header(tuple(c.strip() for c in next(csv.reader([first]))), has_rows)
+    raise AssertionError(kind)
 
 
 def detect_format(path: str) -> str:
@@ -313,30 +320,92 @@ def _row_or_reject(file: str, row: int, id_: str, uri: str, base: str | None,
     return Row(file, row, id_, resolved, base, labels)
 
 
+# A quoted field may hold line breaks, so a record may span lines; one that is still open after this
+# much text is taken as a quote that never closes (no real manifest row is this long), which also
+# bounds what is held while looking for the closing quote.
+_MAX_RECORD_CHARS = 16 * 2**20
+
+
+def _quote_open_after(line: str, open_at_start: bool) -> bool:
+    """Whether a quoted field is still open at the end of `line`, by the rules of Python's csv module
+    (excel dialect): a quote opens a field only at the field's start, "" inside one is a quote, and
+    after the closing quote the rest of the field is plain text."""
+    in_quotes, pos = open_at_start, 0
+    while True:
+        if in_quotes:
+            quote = line.find('"', pos)
+            if quote < 0:
+                return True
+            if line.startswith('"', quote + 1):
+                pos = quote + 2
+                continue
+            in_quotes = False
+            pos = quote + 1
+        elif line.startswith('"', pos):
+            in_quotes, pos = True, pos + 1
+            continue
+        comma = line.find(",", pos)
+        if comma < 0:
+            return False
+        pos = comma + 1
+
+
+def _csv_line_groups(lines: Iterable[str]) -> Iterator[tuple[int, list[str], bool]]:
+    """(first line number, lines, complete): the physical lines of each CSV record. A record whose
+    quote never closes (the file ends, or _MAX_RECORD_CHARS pass, inside it) is given as its first line
+    alone with complete=False, and reading goes on at the line after it: one stray quote costs one
+    row, not every row after it, and the rows counted are the lines a person sees."""
+    source = iter(enumerate(lines, 1))
+    pending: collections.deque[tuple[int, str]] = collections.deque()
+    while True:
+        first = pending.popleft() if pending else next(source, None)
+        if first is None:
+            return
+        group = [first]
+        size = len(first[1])
+        open_quote = _quote_open_after(first[1], False)
+        while open_quote and size <= _MAX_RECORD_CHARS:
+            item = pending.popleft() if pending else next(source, None)
+            if item is None:
+                break
+            group.append(item)
+            size += len(item[1])
+            open_quote = _quote_open_after(item[1], True)
+        if open_quote:
+            pending.extendleft(reversed(group[1:]))
+            yield first[0], [first[1]], False
+        else:
+            yield first[0], [text for _, text in group], True
+
+
 def _csv_records(path: str, handle: io.IOBase) -> Iterator[tuple[int, dict[str, str] | str]]:
     """(row number, {column: value}) per CSV data row, or (row number, error) for malformed rows."""
-    reader = csv.reader(text_lines(handle))
     header = None
     number = 0
-    while True:
+    for line, group, complete in _csv_line_groups(text_lines(handle)):
         try:
-            record = next(reader)
-        except StopIteration:
-            return
+            record = next(csv.reader(group), [])
         except csv.Error as err:
-            number += 1
-            yield number, f"malformed CSV near line {reader.line_num} of {path}: {err}"
-            continue
-        if not record or (len(record) == 1 and not record[0].strip()):
+            record = None
+            problem = f"malformed CSV at line {line} of {path}: {err}"
+        if not complete and header is not None:
+            record = None
+            problem = (f"line {line} of {path} opens a quoted field that is never closed; this line is "
+                       "rejected alone and reading goes on at the next line")
+        if record is not None and (not record or (len(record) == 1 and not record[0].strip())):
             continue  # blank lines are not rows
         if header is None:
+            if record is None:  # read_header refused this file before the job started
+                raise UsageError(f"{path}: cannot read the header: {problem}")
             header = [c.strip() for c in record]
             continue
         number += 1
-        if len(record) != len(header):
-            yield number, f"expected {len(header)} fields ({','.join(header)}), got {len(record)}"
-            continue
-        yield number, dict(zip(header, record))
+        if record is None:
+            yield number, problem
+        elif len(record) != len(header):
+            yield number, f"line {line}: expected {len(header)} fields ({','.join(header)}), got {len(record)}"
+        else:
+            yield number, dict(zip(header, record))
 
 
 def _table_records(path: str, handle: io.IOBase, columns: list[str]) -> Iterator[tuple[int, dict | str]]:

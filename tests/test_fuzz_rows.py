@@ -127,6 +127,32 @@ def test_any_manifest_text_parses_into_rows_or_rejections(tmp_path, kind):
     check()
 
 
+def test_csv_records_are_grouped_by_the_csv_modules_own_quoting_rules():
+    # The line grouping that lets a broken quote cost one line must agree with the csv module wherever
+    # the file is well-formed, and must give every physical line to exactly one record, in order.
+    import csv
+    import re
+
+    @settings(max_examples=400, deadline=None, derandomize=True)
+    @given(st.text(alphabet=["a", ",", '"', "\n", " ", "\r", "\\"], max_size=60))
+    def check(text: str) -> None:
+        lines = re.findall(r"[^\n]*\n|[^\n]+$", text)
+        groups = list(manifests._csv_line_groups(lines))
+        covered: list[str] = []
+        for first, group, _ in groups:
+            assert first == len(covered) + 1
+            covered.extend(group)
+        assert covered == lines
+        if all(complete for _, _, complete in groups):
+            try:
+                expected = list(csv.reader(lines))
+            except csv.Error:
+                return
+            assert [next(csv.reader(group), []) for _, group, _ in groups] == expected
+
+    check()
+
+
 def test_any_image_bytes_become_an_example_or_a_dead_letter_record(tmp_path, outbound_expected):
     options = ExampleOptions(FetchOptions(), ImageOptions(size=16), 0.1, 0.1, keep_unlabeled=False)
 

@@ -254,3 +254,26 @@ def test_a_file_that_breaks_mid_way_is_recorded_not_a_crash(tmp_path):
         parsed = p | manifests.ReadManifest(spec)
         records = parsed.rejected | beam.Map(lambda r: (r.stage, r.reason, "could not be read" in r.detail))
         assert_that(records, equal_to([("parse", "unreadable_file", True)]))
+
+
+def test_a_quote_that_never_closes_costs_its_line_only(tmp_path):
+    # What a person counts: once quoting breaks down, every line is a row (issue 16: an open quote in row
+    # 2 of 6 gave input_rows 2; with 3,000 rows after it, 983; a 10 MB quoted cell 9,872 rows for 4).
+    spec_of = lambda path: manifests.resolve_spec(ManifestOptions(input=path, id_column="key"))  # noqa: E731
+    for after in (4, 3000):
+        rows = [f"k{i},img/{i}.jpg,cat\n" for i in range(3, 3 + after)]
+        path = write(tmp_path / f"open{after}.csv", "key,uri,labels\nk1,img/1.jpg,cat\nk2,\"img/2.jpg,cat\n" + "".join(rows))
+        results = parse(spec_of(path), path)
+        assert [r.row for r in results] == list(range(1, 3 + after))
+        assert isinstance(results[1], Rejection) and results[1].reason == "malformed_row"
+        assert "line 3" in results[1].detail and "never closed" in results[1].detail
+        assert all(isinstance(r, Row) for i, r in enumerate(results) if i != 1)
+        assert results[-1].id == f"k{2 + after}"
+
+    cell = "\n".join("word " * 20 for _ in range(100_000))  # 10 MB, 100,000 lines, quoted and closed
+    path = write(tmp_path / "big_cell.csv", f'key,uri,labels\nk1,img/1.jpg,cat\nk2,img/2.jpg,"{cell}"\n'
+                                            'k3,img/3.jpg,dog\nk4,img/4.jpg,cat\n')
+    results = parse(spec_of(path), path)
+    assert [r.row for r in results] == [1, 2, 3, 4]
+    assert results[1].reason == "malformed_row" and "field larger than field limit" in results[1].detail
+    assert [r.id for r in results if isinstance(r, Row)] == ["k1", "k3", "k4"]
