@@ -178,7 +178,6 @@ def _read_header(path: str) -> Header:
         first = next(lines, None)
         if first is None:
             return Header((), False)
-        has_rows = next(lines, None) is not None
     if kind == "jsonl":
         try:
             record = json.loads(first)
