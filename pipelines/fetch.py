@@ -591,8 +591,15 @@ def _gcs():
                 _gcs_client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
                                              credentials=AnonymousCredentials())
             else:
-                # Missing credentials raise here, as a configuration error rather than a row fault.
-                _gcs_client = storage.Client()
+                import google.auth.exceptions
+
+                try:
+                    _gcs_client = storage.Client()
+                except google.auth.exceptions.DefaultCredentialsError as err:
+                    raise FetchError("no_credentials", f"no Google credentials to read gs:// images ({err}); "
+                                                       "run `gcloud auth application-default login` or set "
+                                                       "GOOGLE_APPLICATION_CREDENTIALS to a service account "
+                                                       "that can read the bucket") from None
             _gcs_key = key
         return _gcs_client
 

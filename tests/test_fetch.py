@@ -354,3 +354,14 @@ def test_local_reads_stay_in_the_folder_and_read_only_regular_files(tmp_path):
     assert reason_of("images/pipe.jpg", FetchOptions(), str(base)) == "not_a_file"
     assert reason_of("/dev/stdin", FetchOptions(allow_local_files=True)) == "not_a_file"
     assert time.monotonic() - start < 5  # refused, not blocked waiting for a writer
+
+
+def test_gs_rows_without_credentials_are_rejected_saying_what_to_do(tmp_path, monkeypatch):
+    for name in ("GOOGLE_APPLICATION_CREDENTIALS", "STORAGE_EMULATOR_HOST", "GOOGLE_CLOUD_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path))  # no gcloud login here
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # nor a metadata server to ask
+    monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
+    results = fetch_many(["gs://bucket/a.jpg", "gs://bucket/b.jpg"], LOCAL)
+    assert [r.reason for r in results] == ["no_credentials", "no_credentials"]
+    assert "GOOGLE_APPLICATION_CREDENTIALS" in results[0].detail
