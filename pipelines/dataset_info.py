@@ -6,11 +6,12 @@ count of input rows), not from metrics, which some runners report late or not at
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import glob
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apache_beam as beam
@@ -25,6 +26,8 @@ from tagbeam.dataset import (
     REJECTED_PREFIX,
     REJECTED_SUFFIX,
     SHARD_SUFFIXES,
+    SOURCES_PREFIX,
+    SOURCES_SUFFIX,
     SPLITS,
     TRANSFORM_OUTPUT,
     DatasetInfo,
@@ -35,7 +38,8 @@ from tagbeam.dataset import (
 from tagbeam.flags import UsageError
 
 _SHARD_PATTERNS = tuple(f"*{suffix}" for suffix in SHARD_SUFFIXES.values())
-_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, *_SHARD_PATTERNS, f"{REJECTED_PREFIX}-*{REJECTED_SUFFIX}")
+_OUTPUT_PATTERNS = (DATASET_JSON, LABELS_TXT, *_SHARD_PATTERNS, f"{REJECTED_PREFIX}-*{REJECTED_SUFFIX}",
+                    f"{SOURCES_PREFIX}-*{SOURCES_SUFFIX}")
 # Temporary files (`<name>.tmp-<uuid>`) and folders (the shard writer's `runs.tmp-<uuid>/`).
 _TEMPORARIES = f"*{storage.TEMP_MARK}*"
 
@@ -97,9 +101,30 @@ def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence
                      bytes=sum(s["bytes"] for s in mine), label_counts=dict(zip(labels, counts)))
 
 
+@dataclasses.dataclass(frozen=True)
+class ReuseRecord:
+    """What dataset.json says about where the images came from (docs/dataset.md)."""
+
+    image_fingerprint: str
+    reused_from: str = ""  # the --reuse_dataset folder, when it was usable
+    tallies: tuple[int, int, int] = (0, 0, 0)  # rows fetched, reused, revalidated
+
+    def fields(self) -> dict[str, Any]:
+        fetched, reused, revalidated = self.tallies
+        return {"image_fingerprint": self.image_fingerprint, "rows_fetched": fetched, "rows_reused": reused,
+                "rows_revalidated": revalidated, "reused_from": self.reused_from if reused else ""}
+
+
+def add_tallies(tallies: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
+    total = [0, 0, 0]
+    for tally in tallies:
+        total = [a + b for a, b in zip(total, tally)]
+    return tuple(total)  # type: ignore[return-value]
+
+
 def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: dict[str, int],
                shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], options: dict[str, Any],
-               created: str | None = None) -> DatasetInfo:
+               reuse: ReuseRecord | None = None, created: str | None = None) -> DatasetInfo:
     """The dataset.json record of docs/dataset.md. Raises InvariantError if rows were lost."""
     splits = {split: split_summary(split, shards, labels) for split in SPLITS}
     for split, summary in splits.items():
@@ -126,6 +151,7 @@ def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: di
         rejected_by_reason=dict(sorted(rejected_by_reason.items())),
         rejected_files=tuple(sorted(os.path.basename(f) for f in rejected_files)),
         unlabeled_policy=options["unlabeled"],
+        **(reuse or ReuseRecord("")).fields(),
         options=options,
         created=created or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     )
@@ -143,37 +169,42 @@ def count_rejected(rejected_files: Sequence[str]) -> dict[str, int]:
 
 
 def commit(_: Any, *, output: str, plan: ShardPlan, stats: dict[str, Any], options: dict[str, Any],
-           shards: Sequence[dict[str, Any]], rejected_files: Sequence[str]) -> dict[str, Any] | None:
-    """Writes labels.txt, then dataset.json, last. Runs after every shard and dead-letter file is
-    final, because their outputs are its side inputs. Without labels (no usable row, or no label
+           shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], reuse: ReuseRecord,
+           tallies: tuple[int, int, int], sources_files: Sequence[str]) -> dict[str, Any] | None:
+    """Writes labels.txt, then dataset.json, last. Runs after every shard, dead-letter and sources
+    file is final, because their outputs are its side inputs (`sources_files` only for that). Without labels (no usable row, or no label
     left) it writes nothing: no row was encoded, and the driver reports why."""
     labels = plan.labels
     if not labels:
         return None
     info = build_info(labels=labels, input_rows=stats["input_rows"], rejected_by_reason=count_rejected(rejected_files),
-                      shards=shards, rejected_files=rejected_files, options=options).to_json()
+                      shards=shards, rejected_files=rejected_files, options=options,
+                      reuse=dataclasses.replace(reuse, tallies=tallies)).to_json()
     storage.write_text(storage.join(output, LABELS_TXT), labels_text(labels))
     storage.write_json(storage.join(output, DATASET_JSON), info)
     return info
 
 
 class CommitDataset(beam.PTransform):
-    """Side inputs: the plan (its labels), the manifest stats (input rows), shard stats, dead-letter files."""
+    """Side inputs: the plan (its labels), the manifest stats (input rows), shard stats, dead-letter
+    files, the fetched/reused tallies."""
 
-    def __init__(self, output: str, options: dict[str, Any]) -> None:
+    def __init__(self, output: str, options: dict[str, Any], reuse: ReuseRecord) -> None:
         super().__init__()
-        self._output, self._options = output, options
+        self._output, self._options, self._reuse = output, options, reuse
 
     def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
         # A main input of its own: one shared with an upstream side input can deadlock stage ordering.
         return (inputs["plan"].pipeline
                 | "Once" >> beam.Create([None])
                 | "Commit" >> beam.Map(
-                    commit, output=self._output, options=self._options,
+                    commit, output=self._output, options=self._options, reuse=self._reuse,
+                    tallies=beam.pvalue.AsSingleton(inputs["tallies"]),
                     plan=beam.pvalue.AsSingleton(inputs["plan"]),
                     stats=beam.pvalue.AsSingleton(inputs["stats"]),
                     shards=beam.pvalue.AsList(inputs["shards"]),
-                    rejected_files=beam.pvalue.AsList(inputs["rejected_files"])))
+                    rejected_files=beam.pvalue.AsList(inputs["rejected_files"]),
+                    sources_files=beam.pvalue.AsList(inputs["sources_files"])))
 
 
 def summary_table(info: dict[str, Any], seconds: float, counters: dict[str, int]) -> str:

@@ -119,6 +119,20 @@ class FetchError(Exception):
         return type(self), (self.reason, self.detail, self.retryable, self.retry_after_s)
 
 
+Validators = dict[str, str | int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetched:
+    """What one fetch gave: the bytes, or None when the source is unchanged since the `known` validators
+    a conditional fetch was given; and the validators that will tell next time whether it changed
+    (http: ETag / Last-Modified as the server sent them; gs: object generation and MD5; local: size
+    and modification time in ns)."""
+
+    data: bytes | None
+    validators: Validators
+
+
 def resolve_uri(uri: str, base: str | None) -> str:
     """Returns `uri` made absolute: relative paths are joined to `base` (a local folder, gs:// or
     http(s):// prefix). A relative path that climbs out of `base` with '..' is refused.
@@ -161,6 +175,16 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
     manifest's folder may not lead out of it: whoever wrote the manifest may have made the links
     too), or anywhere when `options.allow_local_files` is set; only regular files. Raises FetchError.
     """
+    data = fetch_source(uri, options, base).data
+    assert data is not None  # only a conditional fetch finds a source unchanged
+    return data
+
+
+def fetch_source(uri: str, options: FetchOptions, base: str | None = None, known: Validators | None = None
+                 ) -> Fetched:
+    """`fetch`, with the source's validators; given the `known` validators of an earlier fetch, a
+    conditional one: data None when the source is unchanged (an HTTP 304, the same gs:// generation,
+    the same local size and mtime), without transferring the body. Raises FetchError."""
     deadline = time.monotonic() + options.deadline_s
     try:
         resolved = resolve_uri(uri, base)
@@ -169,7 +193,7 @@ def fetch(uri: str, options: FetchOptions, base: str | None = None) -> bytes:
         with _row_deadline(deadline):
             while True:
                 try:
-                    return read()
+                    return read(known or None)
                 except FetchError as err:
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -208,26 +232,30 @@ def _left_s() -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
-def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = None) -> list[bytes | FetchError]:
-    """Fetches network URIs concurrently on threads so that their latency overlaps; keeps input order.
-    Each failure is returned in its row's place as a FetchError rather than raised."""
-    def one(uri: str) -> bytes | FetchError:
+def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = None,
+               known: Sequence[Validators | None] | None = None) -> list[Fetched | FetchError]:
+    """`fetch_source` of each URI (with its `known` validators, if given), network ones concurrently on
+    threads so that their latency overlaps; keeps input order. Each failure is returned in its row's
+    place as a FetchError rather than raised."""
+    known = known if known is not None else [None] * len(uris)
+
+    def one(i: int) -> Fetched | FetchError:
         try:
-            return fetch(uri, options, base)
+            return fetch_source(uris[i], options, base, known[i])
         except FetchError as err:
             return err
 
     # Only network reads overlap usefully; local files are read inline, which saves the thread
     # hand-offs that otherwise cost more than the read itself (benchmarks/README.md).
-    results: list[bytes | FetchError] = [b""] * len(uris)
+    results: list[Fetched | FetchError] = [None] * len(uris)  # type: ignore[list-item]
     remote = [i for i, uri in enumerate(uris) if _is_network(uri)]
     remote_set = set(remote)
-    for i, uri in enumerate(uris):
+    for i in range(len(uris)):
         if i not in remote_set:
-            results[i] = one(uri)
+            results[i] = one(i)
     if remote:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(options.concurrency, len(remote))) as pool:
-            for i, result in zip(remote, pool.map(one, [uris[i] for i in remote])):
+            for i, result in zip(remote, pool.map(one, remote)):
                 results[i] = result
     return results
 
@@ -239,18 +267,18 @@ def _is_network(uri: str) -> bool:
         return False  # fetched inline, where it becomes its row's rejection
 
 
-def _reader(resolved: str, base: str | None, options: FetchOptions) -> Callable[[], bytes]:
+def _reader(resolved: str, base: str | None, options: FetchOptions) -> Callable[[Validators | None], Fetched]:
     scheme = _scheme(resolved)
     if scheme in ("http", "https"):
-        return lambda: _get_http(resolved, options)
+        return lambda known: _get_http(resolved, options, known)
     if scheme == "gs":
-        return lambda: _get_gcs(resolved, options)
+        return lambda known: _get_gcs(resolved, options, known)
     if scheme == "file" and options.allow_local_files:
         parts = urllib.parse.urlsplit(resolved)
         if parts.netloc in ("", "localhost"):
-            return lambda: _read_local(urllib.request.url2pathname(parts.path), options)
+            return lambda known: _read_local(urllib.request.url2pathname(parts.path), options, known)
     if not scheme and (options.allow_local_files or _is_under_local_base(resolved, base)):
-        return lambda: _read_local(resolved, options)
+        return lambda known: _read_local(resolved, options, known)
     what = f"scheme {scheme!r}" if scheme else "an absolute local path"
     raise FetchError("blocked_scheme", f"{resolved!r} uses {what}, which is not allowed; use http(s):// "
                                        "or gs://, paths relative to the manifest, or enable allow_local_files")
@@ -280,12 +308,16 @@ def _backoff_s(attempt: int, options: FetchOptions, retry_after_s: float | None)
 
 # --- local files -----------------------------------------------------------------------------
 
-def _read_local(path: str, options: FetchOptions) -> bytes:
+def _read_local(path: str, options: FetchOptions, known: Validators | None) -> Fetched:
     try:
+        status = os.stat(path)
         # Only regular files: opening a FIFO (or /dev/stdin) would block the worker with no deadline.
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        if not stat.S_ISREG(status.st_mode):
             raise FetchError("not_a_file", f"{path} is not a regular file (a FIFO, device or folder); only "
                                            "image files are read")
+        validators: Validators = {"mtime_ns": status.st_mtime_ns, "size": status.st_size}
+        if known == validators:
+            return Fetched(None, validators)
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size > options.max_bytes:
                 raise _too_large(path, options)
@@ -296,7 +328,7 @@ def _read_local(path: str, options: FetchOptions) -> bytes:
         raise FetchError("io_error", f"cannot read {path}: {err}") from None
     if len(data) > options.max_bytes:
         raise _too_large(path, options)
-    return data
+    return Fetched(data, validators)
 
 
 def _too_large(where: str, options: FetchOptions, size: int | None = None) -> FetchError:
@@ -393,11 +425,16 @@ class _Target:
     addresses: tuple[str, ...]
 
 
-def _get_http(url: str, options: FetchOptions) -> bytes:
+def _get_http(url: str, options: FetchOptions, known: Validators | None) -> Fetched:
     """One attempt: follows redirects by hand so that every hop is checked like the first."""
+    conditions = {}
+    if known and "etag" in known:
+        conditions["If-None-Match"] = str(known["etag"])
+    if known and "last_modified" in known:
+        conditions["If-Modified-Since"] = str(known["last_modified"])
     for _ in range(options.max_redirects + 1):
         target = _check_target(url, options)
-        response = _send(target, options)
+        response = _send(target, options, conditions)
         complete = False
         try:
             if response.status in _REDIRECT_STATUSES:
@@ -406,11 +443,15 @@ def _get_http(url: str, options: FetchOptions) -> bytes:
                     raise FetchError(f"http_{response.status}", f"redirect without Location from {url}")
                 url = urllib.parse.urljoin(url, location)
                 continue
+            validators = {key: response.headers[header] for key, header in _HTTP_VALIDATORS
+                          if response.headers.get(header)}
+            if response.status == 304 and conditions:
+                return Fetched(None, validators or dict(known or {}))
             if not 200 <= response.status < 300:
                 raise _status_error(response, url)
             body = _read_body(response, url, options)
             complete = True
-            return body
+            return Fetched(body, validators)
         except (ProtocolError, urllib3.exceptions.TimeoutError, SSLError) as err:
             raise _network_error(err, url) from None
         finally:
@@ -419,6 +460,9 @@ def _get_http(url: str, options: FetchOptions) -> bytes:
                 response.close()
             response.release_conn()
     raise FetchError("too_many_redirects", f"more than {options.max_redirects} redirects, last to {url}")
+
+
+_HTTP_VALIDATORS = (("etag", "ETag"), ("last_modified", "Last-Modified"))
 
 
 def _check_target(url: str, options: FetchOptions) -> _Target:
@@ -486,12 +530,12 @@ def _blocked_because(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, options:
     return None
 
 
-def _send(target: _Target, options: FetchOptions) -> urllib3.BaseHTTPResponse:
+def _send(target: _Target, options: FetchOptions, conditions: dict[str, str]) -> urllib3.BaseHTTPResponse:
     """Sends the GET to the checked addresses in turn (the first that accepts a connection wins)."""
     default_port = 443 if target.scheme == "https" else 80
     host_header = target.host if target.port == default_port else f"{target.host}:{target.port}"
     headers = {"Host": host_header, "User-Agent": USER_AGENT, "Accept": "image/*,*/*;q=0.8",
-               "Accept-Encoding": "identity"}
+               "Accept-Encoding": "identity", **conditions}
     tls = None
     if target.scheme == "https":
         # SNI and certificate checks use the name, while the socket goes to the pinned address.
@@ -604,7 +648,7 @@ def _gcs():
         return _gcs_client
 
 
-def _get_gcs(uri: str, options: FetchOptions) -> bytes:
+def _get_gcs(uri: str, options: FetchOptions, known: Validators | None) -> Fetched:
     import requests
     from google.api_core import exceptions as gexc
     from google.resumable_media import DataCorruption
@@ -619,11 +663,17 @@ def _get_gcs(uri: str, options: FetchOptions) -> bytes:
         blob = _gcs().bucket(bucket_name).get_blob(name, timeout=timeout, retry=None)
         if blob is None:
             raise FetchError("not_found", f"no such object: {uri}")
+        # A generation names one immutable content of the object: the same one is the same bytes.
+        validators: Validators = {"generation": str(blob.generation)}
+        if blob.md5_hash:
+            validators["md5"] = blob.md5_hash
+        if known and known.get("generation") == validators["generation"]:
+            return Fetched(None, validators)
         if blob.size is not None and blob.size > options.max_bytes:
             raise _too_large(uri, options, blob.size)
         # Pinned to the generation whose size was checked: a replaced object fails with 412 (retried).
-        return blob.download_as_bytes(timeout=timeout, retry=None,
-                                      if_generation_match=blob.generation)
+        return Fetched(blob.download_as_bytes(timeout=timeout, retry=None, if_generation_match=blob.generation),
+                       validators)
     except gexc.NotFound:
         raise FetchError("not_found", f"no such object: {uri}") from None
     except gexc.GoogleAPICallError as err:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import struct
 import zlib
@@ -50,6 +51,9 @@ _HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 # 1.2/0.28 grey levels (0.9/0.26 without draft), 2.8x faster;
 # margin 1 -> 3.8-5.5/0.4-0.5, which is why it is not used.
 _STRETCH_PERCENTILES = (2.0, 98.0)
+# Raise whenever a change here can change the stored bytes of an image: datasets of an older
+# version are then never reused (see `fingerprint`).
+IMAGE_CODE_VERSION = 1
 MAX_IMAGE_SIZE = 4096  # ImageNet-style backbones take 224-600 px; 4096 is 48 MiB per decoded image
 PNG_COMPRESS_LEVEL = 1  # 2.5x faster than the default 6 for ~7 % more bytes
 
@@ -101,6 +105,21 @@ class ImageOptions:
 
     def __post_init__(self) -> None:
         check_fields(self)
+
+
+def fingerprint(options: ImageOptions) -> str:
+    """What makes the stored bytes of an image from its source bytes, hashed: every option (the
+    decoding bounds too: they decide which images are accepted), this module's version and the
+    libraries doing the work. Two runs with the same fingerprint store the same bytes for the same
+    source, which is what lets a run reuse an earlier dataset's images (pipelines/reuse.py)."""
+    import hashlib
+
+    import PIL
+    import tifffile
+
+    what = {"options": dataclasses.asdict(options), "code": IMAGE_CODE_VERSION, "pillow": PIL.__version__,
+            "numpy": np.__version__, "tifffile": tifffile.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def to_rgb(data: bytes, options: ImageOptions = ImageOptions()) -> Image.Image:

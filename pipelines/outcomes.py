@@ -12,7 +12,7 @@ from typing import Any
 import apache_beam as beam
 
 from tagbeam import storage
-from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection
+from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, SOURCES_PREFIX, SOURCES_SUFFIX, Rejection
 
 COUNTER_NAMESPACE = "tagbeam"
 REJECTED_TAG = "rejected"
@@ -42,6 +42,20 @@ def reject_row(row: Any, stage: str, reason: str, detail: str) -> Rejection:
 
 def rejected(record: Rejection) -> beam.pvalue.TaggedOutput:
     return beam.pvalue.TaggedOutput(REJECTED_TAG, record)
+
+
+class WriteSources(beam.PTransform):
+    """sources-*.jsonl (tagbeam.dataset.Source per example); yields its file names."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self._output = output
+
+    def expand(self, sources: beam.PCollection) -> beam.PCollection:
+        return (sources
+                | "ToJson" >> beam.Map(lambda s: s.to_json())
+                | "Write" >> beam.io.WriteToText(storage.join(self._output, SOURCES_PREFIX),
+                                                 file_name_suffix=SOURCES_SUFFIX, shard_name_template=SHARD_TEMPLATE))
 
 
 class WriteRejected(beam.PTransform):

@@ -140,11 +140,11 @@ class FetchAndCheck(beam.DoFn):
 
     def process(self, batch: Sequence[Row]) -> Iterator[Any]:
         fetched = fetch_rows(batch, self._options)
-        for row, data in zip(batch, fetched):
-            if isinstance(data, fetch.FetchError):
-                yield rejected(reject_row(row, "fetch", data.reason, data.detail))
+        for row, source in zip(batch, fetched):
+            if isinstance(source, fetch.FetchError):
+                yield rejected(reject_row(row, "fetch", source.reason, source.detail))
                 continue
-            image = decoded_or_rejection(row, lambda: self._model_input(data))
+            image = decoded_or_rejection(row, lambda: self._model_input(source.data))
             if isinstance(image, Rejection):
                 yield rejected(image)
                 continue

@@ -31,12 +31,12 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines import cli, dataset_info, manifests, vocabulary
-from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
+from pipelines import cli, dataset_info, images, manifests, reuse, vocabulary
+from pipelines.examples import REUSED_TAG, SOURCES_TAG, TALLIES_TAG, EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
-from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, WriteRejected
+from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, WriteRejected, WriteSources
 from pipelines.shards import ShardPlan, WriteShards
 from tagbeam import console, flags, storage
 from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT, labels_text
@@ -46,7 +46,7 @@ _LOG = logging.getLogger("pipelines.preprocess")
 ENTRY_POINT = "pipelines.preprocess"
 # Runners that execute on this machine: their workers can share a local temporary folder.
 _LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
-GROUPS = (ManifestOptions, OutputOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions)
+GROUPS = (ManifestOptions, OutputOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions, reuse.ReuseOptions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +59,7 @@ class PreprocessJob:
     image: ImageOptions
     fetch: FetchOptions
     splits: SplitOptions
+    reuse: reuse.ReuseOptions
     flags: dict[str, Any]
 
     @classmethod
@@ -67,7 +68,7 @@ class PreprocessJob:
 
     def example_options(self) -> ExampleOptions:
         return ExampleOptions(self.fetch, self.image, self.splits.val_fraction, self.splits.test_fraction,
-                              self.labels.unlabeled == "keep")
+                              self.labels.unlabeled == "keep", self.reuse.revalidate)
 
 
 def build_parser() -> flags.Parser:
@@ -123,7 +124,7 @@ class _Paths(NamedTuple):
 
 
 def _plan(_: Any, stats: dict[str, Any], fixed: Sequence[str] | None, paths: _Paths, options: ExampleOptions,
-          target_bytes: int) -> ShardPlan:
+          target_bytes: int, previous: dict[str, Any]) -> ShardPlan:
     """The vocabulary and the shard plan, once TFT's output is in place (and published to --output,
     so that dataset.json, written later, never precedes it). Empty labels when the run cannot go on."""
     if paths.analysis_dir != paths.transform_dir:
@@ -131,14 +132,15 @@ def _plan(_: Any, stats: dict[str, Any], fixed: Sequence[str] | None, paths: _Pa
     labels = []
     if stats["rows"]:
         labels = list(fixed) if fixed else vocabulary.learned_labels(paths.analysis_dir, stats["label_counts"])
-    return plan_shards(stats, labels, options, target_bytes)
+    return plan_shards(stats, labels, options, target_bytes, previous)
 
 
 def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] | None, paths: _Paths,
-          job: PreprocessJob, options_record: dict[str, Any]) -> None:
+          job: PreprocessJob, options_record: dict[str, Any], previous: reuse.Previous | None) -> None:
     """The whole job, ending in dataset.json: parse and de-duplicate the manifest; label stats and
     the TFT vocabulary from the rows; then (with the labels and a shard plan as side inputs, so
-    after them) fetch, encode and shard every row; the dead letter; the commit."""
+    after them) fetch, encode and shard every row - or rebuild it from the `previous` dataset
+    (pipelines/reuse.py); the dead letter; the sources; the commit."""
     output, splits, example_options = job.output.output, job.splits, job.example_options()
     parsed = p | "ReadManifest" >> manifests.ReadManifest(spec)
     unique = parsed.rows | "DropDuplicateIds" >> manifests.DropDuplicateIds()
@@ -147,18 +149,26 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
     analyzed = unique.rows | "Vocabulary" >> vocabulary.AnalyzeVocabulary(
         paths.analysis_dir, storage.join(paths.work_dir, "tft_tmp"), job.labels.min_label_count,
         job.labels.max_labels, paths.vocab_path)
+    known = beam.pvalue.AsDict(p | "PreviousSources" >> reuse.ReadSources(previous))
     # Plan's main input is TFT's completion signal; stats is a side input. (A PCollection that is
     # both a side input upstream and a step's main input can make the local runner mis-order stages.)
     plan = analyzed | "Plan" >> beam.Map(_plan, beam.pvalue.AsSingleton(stats), fixed, paths, example_options,
-                                         int(splits.target_shard_mb * 2**20))
+                                         int(splits.target_shard_mb * 2**20), known)
     encoded = (unique.rows
                | "Batch" >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
-               | "EncodeRows" >> beam.ParDo(EncodeRows(example_options), beam.pvalue.AsSingleton(plan)
-                                            ).with_outputs(REJECTED_TAG, main="rows"))
-    shards = encoded.rows | "WriteShards" >> WriteShards(output, plan, splits.shard_compression)
+               | "EncodeRows" >> beam.ParDo(EncodeRows(example_options), beam.pvalue.AsSingleton(plan), known
+                                            ).with_outputs(REJECTED_TAG, REUSED_TAG, SOURCES_TAG, TALLIES_TAG,
+                                                           main="rows"))
+    rebuilt = encoded[REUSED_TAG] | "ReusedExamples" >> reuse.ReusedExamples(previous, plan)
+    shards = ((encoded.rows, rebuilt) | "ToShards" >> beam.Flatten()
+              | "WriteShards" >> WriteShards(output, plan, splits.shard_compression))
     rejected_files = (parsed.rejected, unique.rejected, encoded.rejected) | "DeadLetter" >> WriteRejected(output)
-    _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files}
-         | "CommitDataset" >> dataset_info.CommitDataset(output, options_record))
+    sources_files = encoded[SOURCES_TAG] | "Sources" >> WriteSources(output)
+    tallies = encoded[TALLIES_TAG] | "Tallies" >> beam.CombineGlobally(dataset_info.add_tallies)
+    record = dataset_info.ReuseRecord(images.fingerprint(job.image), previous.data_dir if previous else "")
+    _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files, "tallies": tallies,
+          "sources_files": sources_files}
+         | "CommitDataset" >> dataset_info.CommitDataset(output, options_record, record))
 
 
 def _counters(result: Any) -> dict[str, int]:
@@ -183,6 +193,7 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     fixed = vocabulary.read_vocab_file(job.labels.vocab_file) if job.labels.vocab_file else None
     options = cli.pipeline_options(pipeline_args)
     local = _runs_locally(options)
+    previous = reuse.previous_dataset(job.reuse, output, job.image)
     work_dir = _work_dir(options, local, output)
     try:
         # Before the clean-up below may touch --output: a folder that is not this job's stays untouched.
@@ -205,7 +216,7 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
         record = {**job.flags, "format": spec.format,
                   "runner": options.view_as(StandardOptions).runner or "DirectRunner"}
         p = beam.Pipeline(options=options)
-        build(p, spec, fixed, paths, job, record)
+        build(p, spec, fixed, paths, job, record, previous)
         built = time.monotonic()
         result = p.run()
         result.wait_until_finish()

@@ -38,7 +38,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from pipelines.outcomes import count
 from pipelines.splits import unit_hash
 from tagbeam import storage
-from tagbeam.dataset import SHARD_COMPRESSIONS, shard_name
+from tagbeam.dataset import SHARD_COMPRESSIONS, Source, shard_name
 
 _SHARD_SALT = b"tagbeam-shard:"
 _SAMPLE_SALT = b"tagbeam-sample:"
@@ -61,6 +61,7 @@ class Encoded(NamedTuple):
     id: str
     record: bytes  # a serialized tf.train.Example
     label_ids: tuple[int, ...]  # indices of the row's labels, for label counts
+    source: Source | None = None  # where its image came from (sources-*.jsonl)
 
 
 ShardKey = tuple[str, int, int]  # split, shard index, shards in the split

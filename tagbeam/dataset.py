@@ -25,6 +25,8 @@ TRANSFORM_OUTPUT = "transform_output"
 OUTPUT_MARKER = ".tagbeam-output"
 REJECTED_PREFIX = "rejected"
 REJECTED_SUFFIX = ".jsonl"
+SOURCES_PREFIX = "sources"
+SOURCES_SUFFIX = ".jsonl"
 SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # Beam's shard_name_template of the text outputs
 
 # --- enums both sides need ----------------------------------------------------------------------
@@ -129,6 +131,31 @@ def rejected_file_pattern(folder: str) -> str:
     return storage.join(folder, f"{REJECTED_PREFIX}-*{REJECTED_SUFFIX}")
 
 
+# --- where each example's image came from -------------------------------------------------------
+
+class Source(NamedTuple):
+    """One line of sources-*.jsonl: where an example's stored image came from, so that a later run
+    (`--reuse_dataset`) can tell that the source is unchanged and take the stored image instead of
+    fetching and decoding it again."""
+
+    id: str
+    uri: str  # as resolved by the pipeline (absolute path, gs:// or http(s)://)
+    validators: Mapping[str, Any]  # pipelines.fetch.Fetched.validators of the fetch that gave the image
+    image_bytes: int  # size of the stored (encoded) image
+
+    def to_json(self) -> str:
+        return json.dumps({**self._asdict(), "validators": dict(sorted(self.validators.items()))},
+                          ensure_ascii=False, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, line: str) -> "Source":
+        return cls(**json.loads(line))
+
+
+def sources_file_pattern(folder: str) -> str:
+    return storage.join(folder, f"{SOURCES_PREFIX}-*{SOURCES_SUFFIX}")
+
+
 # --- how the images are stored -----------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -183,6 +210,13 @@ class DatasetInfo:
     rejected_by_reason: Mapping[str, int] = dataclasses.field(default_factory=dict)
     rejected_files: tuple[str, ...] = ()
     unlabeled_policy: str = "reject"
+    # What makes the stored bytes of an image from its source bytes (pipelines.images.fingerprint):
+    # a later run may reuse this dataset's images only if its own is the same. "" (older datasets): never.
+    image_fingerprint: str = ""
+    rows_fetched: int = 0  # rows whose image was fetched (whatever happened next)
+    rows_reused: int = 0  # examples whose stored image came from `reused_from`, not fetched
+    rows_revalidated: int = 0  # of those, confirmed unchanged by a conditional request
+    reused_from: str = ""  # the dataset of --reuse_dataset, if any of it was reused
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # every flag of the run
     created: str = ""
     format_version: int = FORMAT_VERSION
@@ -240,6 +274,11 @@ class DatasetInfo:
             "rejected_by_reason": dict(self.rejected_by_reason),
             "rejected_files": list(self.rejected_files),
             "unlabeled_policy": self.unlabeled_policy,
+            "image_fingerprint": self.image_fingerprint,
+            "rows_fetched": self.rows_fetched,
+            "rows_reused": self.rows_reused,
+            "rows_revalidated": self.rows_revalidated,
+            "reused_from": self.reused_from,
             "options": dict(self.options),
             "created": self.created,
         }
@@ -293,6 +332,11 @@ class DatasetInfo:
             rejected_by_reason=field("rejected_by_reason", dict, {}),
             rejected_files=tuple(field("rejected_files", list, [])),
             unlabeled_policy=field("unlabeled_policy", str, "reject"),
+            image_fingerprint=field("image_fingerprint", str, ""),
+            rows_fetched=field("rows_fetched", int, 0),
+            rows_reused=field("rows_reused", int, 0),
+            rows_revalidated=field("rows_revalidated", int, 0),
+            reused_from=field("reused_from", str, ""),
             options=field("options", dict, {}),
             created=field("created", str, ""),
             format_version=field("format_version", int, FORMAT_VERSION),

@@ -24,6 +24,10 @@ class Response:
     declared_length: int | None = None
     # Stream this many filler bytes after `body`: an oversized download without a big buffer.
     stream_extra_bytes: int = 0
+    # Validators: sent with a 200, and a request whose If-None-Match (or, without an ETag,
+    # If-Modified-Since) matches them is answered 304 without a body, as a static file server does.
+    etag: str | None = None
+    last_modified: str | None = None
 
 
 def redirect(location: str, status: int = 302) -> Response:
@@ -43,6 +47,7 @@ class FaultServer:
         self._routes: dict[str, list[Response]] = {}
         self._lock = threading.Lock()
         self.requests: list[str] = []
+        self.answers: list[tuple[str, int]] = []  # (path, status) of every answer sent
         handler = self._make_handler()
         self._httpd = _Server(("127.0.0.1", 0), handler)
         self.port = self._httpd.server_address[1]
@@ -65,6 +70,14 @@ class FaultServer:
     def hits(self, path: str) -> int:
         with self._lock:
             return sum(1 for p in self.requests if p == path)
+
+    def statuses(self) -> dict[int, int]:
+        """How many answers of each status were sent."""
+        with self._lock:
+            counts: dict[int, int] = {}
+            for _, status in self.answers:
+                counts[status] = counts.get(status, 0) + 1
+            return counts
 
     def start(self) -> "FaultServer":
         self._thread.start()
@@ -89,17 +102,27 @@ class FaultServer:
             protocol_version = "HTTP/1.1"
 
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                resp = server._next(self.path.split("?", 1)[0])
+                path = self.path.split("?", 1)[0]
+                resp = server._next(path)
                 if resp.delay_s:
                     time.sleep(resp.delay_s)
+                validators = {k: v for k, v in (("ETag", resp.etag), ("Last-Modified", resp.last_modified)) if v}
+                if resp.status == 200 and (
+                        (resp.etag and self.headers.get("If-None-Match") == resp.etag)
+                        or (not resp.etag and resp.last_modified
+                            and self.headers.get("If-Modified-Since") == resp.last_modified)):
+                    resp = Response(status=304, headers=validators)
+                    validators = {}
                 length = resp.declared_length
                 if length is None:
                     length = len(resp.body) + resp.stream_extra_bytes
+                with server._lock:
+                    server.answers.append((path, resp.status))
                 try:
                     self.send_response(resp.status)
                     self.send_header("Content-Type", resp.content_type)
                     self.send_header("Content-Length", str(length))
-                    for key, value in resp.headers.items():
+                    for key, value in {**resp.headers, **validators}.items():
                         self.send_header(key, value)
                     self.end_headers()
                     self.wfile.write(resp.body)

@@ -270,7 +270,7 @@ def test_fetch_many_overlaps_latency_and_keeps_order(http_server):
     results = fetch_many(uris, LOCAL)
     elapsed = time.monotonic() - start
     assert elapsed < 2.0, f"16 x 0.3 s fetches took {elapsed:.2f} s: not concurrent"
-    assert [r for i, r in enumerate(results) if i != 7] == [f"image {i}".encode() for i in range(16) if i != 7]
+    assert [r.data for i, r in enumerate(results) if i != 7] == [f"image {i}".encode() for i in range(16) if i != 7]
     assert isinstance(results[7], FetchError) and results[7].reason == "http_404"
     assert fetch_many([], LOCAL) == []
 

@@ -73,8 +73,8 @@ def test_fetch_turns_any_uri_into_bytes_or_a_fetch_error(tmp_path, outbound_expe
             fetch.fetch(uri, options, str(tmp_path))
         except fetch.FetchError as err:
             assert err.reason and err.detail
-        assert all(isinstance(r, (bytes, fetch.FetchError)) for r in fetch.fetch_many([uri, "ok.jpg"], options,
-                                                                                       str(tmp_path)))
+        assert all(isinstance(r, (fetch.Fetched, fetch.FetchError)) for r in fetch.fetch_many([uri, "ok.jpg"], options,
+                                                                                               str(tmp_path)))
 
     check()
     assert fetch.fetch("ok.jpg", options, str(tmp_path)) == b"fine"

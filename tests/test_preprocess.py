@@ -311,6 +311,7 @@ def test_empty_split_gets_no_shards_and_overwrite_replaces_old_files(local_runs)
     assert info["splits"]["test"] == {"examples": 0, "shards": 0, "files": [], "bytes": 0,
                                       "label_counts": {label: 0 for label in info["labels"]}}
     expected = {".tagbeam-output", "dataset.json", "labels.txt", "transform_output", *info["rejected_files"],
+                "sources-00000-of-00001.jsonl",
                 *info["splits"]["train"]["files"], *info["splits"]["val"]["files"]}
     assert set(local_runs["grown_files"]) == expected
     assert info["rejected"] == 0 and info["rejected_files"] == ["rejected-00000-of-00001.jsonl"]

@@ -1,0 +1,159 @@
+"""Incremental preprocessing: take an earlier dataset's stored image for every row whose source is
+unchanged, instead of fetching, decoding and re-encoding it.
+
+A row is taken from the earlier dataset (`--reuse_dataset`) when
+- that dataset's images were made the way this run would make them (the same
+  `pipelines.images.fingerprint`: options, decoding bounds, code and library versions), and
+- it holds an example with the row's id whose source (sources-*.jsonl) had the same resolved URI, and
+- with `--revalidate conditional`, a conditional request says the source did not change since
+  (HTTP If-None-Match / If-Modified-Since -> 304; the same gs:// generation; the same local size and
+  mtime). A changed source (HTTP 200 ...) is used as fetched, so it costs one download, as before.
+Labels always come from the new manifest (relabels apply); the split is a hash of the id, so it is
+the one a full rebuild gives. Rows gone from the manifest are gone from the dataset. The reused
+example is rebuilt from the stored image with the row's new labels by the same `to_example`, so the
+shards are the bytes a full rebuild writes (tests/test_reuse.py checks it).
+
+Beam: rows decided as reused leave `EncodeRows` as small `Reused` records (no image); the earlier
+dataset's shards are streamed once (`ReusedExamples`) and every example whose id was decided reused
+is rebuilt there and joins the fetched ones on their way to the shard writer. Only ids and sources
+are side inputs; no image bytes cross a shuffle.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import apache_beam as beam
+
+from pipelines import images
+from pipelines.outcomes import count
+from pipelines.shards import Encoded, ShardPlan, shard_key
+from tagbeam import dataset, storage
+from tagbeam.dataset import Source
+from tagbeam.flags import UsageError, check_fields, option
+
+_LOG = logging.getLogger(__name__)
+REVALIDATE_POLICIES = ("none", "conditional")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ReuseOptions:
+    """Reuse: an earlier dataset's images for rows whose source is unchanged."""
+
+    reuse_dataset: str | None = option(None, help="an earlier dataset folder (this pipeline's output): a row with the "
+                                                  "same id and image URI takes its stored image instead of fetching "
+                                                  "it (pipelines.retrain passes its newest dataset)")
+    revalidate: str = option("none", choices=REVALIDATE_POLICIES,
+                             help="none: the same id and URI is unchanged; conditional: ask the source first "
+                                  "(HTTP ETag/Last-Modified -> 304, gs:// generation, local size and mtime) and "
+                                  "fetch only what changed")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+class Reused(NamedTuple):
+    """A row whose stored image comes from the earlier dataset: everything but the image."""
+
+    split: str
+    id: str
+    label_ids: tuple[int, ...]
+    source: Source  # as recorded before, with the validators of a revalidation if there was one
+    revalidated: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Previous:
+    """The earlier dataset a run reuses: where it is, and its shard files and sources files."""
+
+    data_dir: str
+    shard_files: tuple[str, ...]
+    source_files: tuple[str, ...]
+    compression: str
+
+
+def previous_dataset(options: ReuseOptions, output: str, image_options: images.ImageOptions) -> Previous | None:
+    """The dataset of --reuse_dataset if this run can reuse it, else None (with a log line saying why:
+    reuse is an optimisation, so a dataset made differently only means a full rebuild). Raises
+    UsageError for a folder that is not a complete dataset, or that is --output itself."""
+    folder = options.reuse_dataset
+    if not folder:
+        return None
+    if storage.join(folder, "") == storage.join(output, ""):
+        raise UsageError(f"--reuse_dataset {folder} is --output: the run clears its output before it reads; "
+                         "write the new dataset to another folder")
+    try:
+        info = dataset.read(folder)
+    except dataset.DatasetError as err:
+        raise UsageError(f"--reuse_dataset {folder}: {err}") from None
+    mine = images.fingerprint(image_options)
+    if info.image_fingerprint != mine:
+        _LOG.warning("not reusing %s: its images were made differently (image fingerprint %r, this run's %r: "
+                     "image options, decoding bounds or image library versions differ); fetching every image",
+                     folder, info.image_fingerprint, mine)
+        return None
+    sources = tuple(storage.match(dataset.sources_file_pattern(folder)))
+    if not sources:
+        _LOG.warning("not reusing %s: it has no sources-*.jsonl (written by an older version); fetching every image",
+                     folder)
+        return None
+    shards = tuple(path for split in dataset.SPLITS for path in info.shard_paths(split))
+    return Previous(folder, shards, sources, info.shard_compression)
+
+
+class ReadSources(beam.PTransform):
+    """(id, Source) of every example of the earlier dataset; nothing without one."""
+
+    def __init__(self, previous: Previous | None) -> None:
+        super().__init__()
+        self._previous = previous
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        files = list(self._previous.source_files) if self._previous else []
+        return (pbegin
+                | "Files" >> beam.Create(files)
+                | "Read" >> beam.io.ReadAllFromText()
+                | "Parse" >> beam.Map(lambda line: (lambda s: (s.id, s))(Source.from_json(line))))
+
+
+def _rebuild(record: bytes, reused: Mapping[str, Reused], plan: ShardPlan) -> Iterator[Any]:
+    """An example of the earlier dataset -> the same example with the row's new labels, keyed for its
+    shard, if its id was decided reused; nothing otherwise (a changed, relabelled-away or removed row)."""
+    from tensorflow.core.example import example_pb2
+
+    from pipelines.examples import to_example
+
+    example = example_pb2.Example.FromString(record)
+    features = example.features.feature
+    id_ = features[dataset.FEATURE_ID].bytes_list.value[0].decode("utf-8")
+    row = reused.get(id_)
+    if row is None:
+        return
+    image = features[dataset.FEATURE_IMAGE].bytes_list.value[0]
+    count("images_reused")
+    yield shard_key(Encoded(row.split, id_, to_example(id_, image, row.label_ids, len(plan.labels)), row.label_ids),
+                    plan.num_shards)
+
+
+class ReusedExamples(beam.PTransform):
+    """Streams the earlier dataset's shards once and rebuilds each example decided reused, keyed for
+    `WriteShards`. Input: the `Reused` records; side input: the ShardPlan."""
+
+    def __init__(self, previous: Previous | None, plan: beam.PCollection) -> None:
+        super().__init__()
+        self._previous = previous
+        self._plan = plan
+
+    def expand(self, reused: beam.PCollection) -> beam.PCollection:
+        from apache_beam.io.filesystem import CompressionTypes
+
+        files = list(self._previous.shard_files) if self._previous else []
+        compression = CompressionTypes.GZIP if self._previous and self._previous.compression == "gzip" \
+            else CompressionTypes.UNCOMPRESSED
+        return (reused.pipeline
+                | "ShardFiles" >> beam.Create(files)
+                | "ReadShards" >> beam.io.ReadAllFromTFRecord(compression_type=compression)
+                | "Rebuild" >> beam.FlatMap(_rebuild, beam.pvalue.AsDict(reused | "ById" >> beam.Map(lambda r: (r.id, r))),
+                                            beam.pvalue.AsSingleton(self._plan)))
