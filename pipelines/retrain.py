@@ -2,10 +2,12 @@
 
 One entry point for a scheduler (cron, systemd, Vertex AI Pipelines). Each run preprocesses the
 current manifest into a new dataset version (reusing the champion's label vocabulary, so the label
-order of the model in production never changes, and the stable hash split, so test rows stay test
-rows), trains a challenger, scores challenger and champion on the same test split, and promotes the
-challenger only if it clears an absolute floor and is not worse than the champion by more than a
-tolerance.
+order of the model in production never changes, the stable hash split, so test rows stay test rows,
+and the stored images of the newest earlier dataset for rows whose source is unchanged, so a night
+costs what its new data costs: pipelines/reuse.py), checks the new data against the champion's
+(pipelines/health.py: a night of failing fetches stops here), trains a challenger, scores
+challenger and champion on the same test split, and promotes the challenger only if it clears an
+absolute floor and is not worse than the champion by more than a tolerance.
 
 It declares no option of the steps it runs: it takes every option of `pipelines.preprocess`
 (pipelines/options.py) and of `trainer.task` (trainer/config.py) from their own declarations and
@@ -25,10 +27,13 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from pipelines import health
 from pipelines.fetch import FetchOptions
+from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, SplitOptions
-from tagbeam import console, export as model_files, flags, storage
+from pipelines.reuse import ReuseOptions
+from tagbeam import console, dataset, export as model_files, flags, storage
 from tagbeam.dataset import DATASET_JSON
 from tagbeam.flags import UsageError, at_least, option, positive
 from tagbeam.workspace import Champion, Workspace
@@ -37,12 +42,14 @@ from trainer.config import TrainOptions
 log = logging.getLogger("pipelines.retrain")
 
 ENTRY_POINT = "pipelines.retrain"
-STEPS = ("all", "preprocess", "train", "promote")
+STEPS = ("all", "preprocess", "check", "train", "promote")
 METRICS = ("macro_f1", "micro_f1", "macro_fbeta", "macro_average_precision")
 SCORING_BATCH = 64
-# The preprocess step's option groups, forwarded as given; --output, --overwrite and --vocab_file
-# are the run's own (its dataset folder, and the champion's label order).
-PREPROCESS_GROUPS = (ManifestOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions)
+# The preprocess step's option groups, forwarded as given; --output, --overwrite, --vocab_file and
+# --reuse_dataset are the run's own (its dataset folder, the champion's label order, the newest
+# earlier dataset).
+PREPROCESS_GROUPS = (ManifestOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions, ReuseOptions)
+_SET_BY_RETRAIN = ("vocab_file", "reuse_dataset")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -61,6 +68,8 @@ class RetrainOptions:
     tolerance: float = option(0.01, check=at_least(0), help="promote if challenger >= champion - tolerance")
     min_metric: float = option(0.0, help="absolute floor the challenger must reach")
     keep_versions: int = option(5, check=positive, help="runs kept under runs/ (the champion's run is always kept)")
+    full_rebuild: bool = option(False, help="fetch and decode every image again instead of reusing the stored images "
+                                            "of the workspace's newest dataset for unchanged sources")
     flags_json: str | None = option(None, help="more arguments of this command as a JSON list of strings, for "
                                                "orchestrators that pass one string (Vertex AI Pipelines)")
 
@@ -73,6 +82,7 @@ class StepError(RuntimeError):
 class RetrainJob:
     retrain: RetrainOptions
     preprocess: tuple[Any, ...]  # PREPROCESS_GROUPS, in order
+    health: HealthOptions
     train: TrainOptions
     beam_args: tuple[str, ...]  # Beam pipeline options, for the preprocess step
     argv: tuple[str, ...]  # as given (with --flags_json expanded), recorded for the run's later steps
@@ -87,9 +97,11 @@ def build_parser() -> flags.Parser:
                      epilog="Options of pipelines.preprocess and trainer.task are forwarded to them; any other "
                             "argument must be one of Beam's pipeline options (forwarded to the preprocess step).")
     flags.add_options(p, RetrainOptions)
+    flags.add_options(p, HealthOptions)
     for group in PREPROCESS_GROUPS:
         flags.add_options(p, group, title=f"pipelines.preprocess: {(group.__doc__ or '').split(':')[0].strip()}",
-                          exclude=("vocab_file",) if group is LabelOptions else (), not_required=("input",))
+                          exclude=[o.name for o in flags.declared(group) if o.name in _SET_BY_RETRAIN],
+                          not_required=("input",))
     flags.add_options(p, TrainOptions, title="trainer.task: training")
     return p
 
@@ -122,7 +134,8 @@ def parse_args(argv: Sequence[str] | None) -> RetrainJob:
         namespace, beam_args = flags.parse_with_beam(parser, given, ENTRY_POINT)
         return RetrainJob(flags.build(RetrainOptions, namespace),
                           tuple(flags.build(group, namespace) for group in PREPROCESS_GROUPS),
-                          flags.build(TrainOptions, namespace), tuple(beam_args), tuple(given))
+                          flags.build(HealthOptions, namespace), flags.build(TrainOptions, namespace),
+                          tuple(beam_args), tuple(given))
     except UsageError as err:
         parser.error(str(err))
 
@@ -148,6 +161,14 @@ def _subprocess(step: str, argv: list[str]) -> None:
     log.info("[%s] done in %.0f s", step, time.perf_counter() - started)
 
 
+def newest_dataset(workspace: Workspace, run_id: str) -> str | None:
+    """The newest complete dataset of another run: the one most like tonight's data."""
+    for other in reversed(workspace.runs()):
+        if other != run_id and storage.exists(storage.join(workspace.dataset_dir(other), DATASET_JSON)):
+            return workspace.dataset_dir(other)
+    return None
+
+
 def preprocess_argv(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> list[str]:
     argv = ["pipelines.preprocess", "--output", workspace.dataset_dir(run_id), "--overwrite"]
     for options in job.preprocess:
@@ -155,6 +176,9 @@ def preprocess_argv(job: RetrainJob, workspace: Workspace, run_id: str, champion
     if champion:
         # The champion's vocabulary keeps label order (and so the model's output columns) stable.
         argv += ["--vocab_file", champion.labels_file]
+    previous = None if job.retrain.full_rebuild else newest_dataset(workspace, run_id)
+    if previous:
+        argv += ["--reuse_dataset", previous]
     return argv + list(job.beam_args)
 
 
@@ -168,6 +192,25 @@ def preprocess_step(job: RetrainJob, workspace: Workspace, run_id: str, champion
         raise StepError("--input is required for the preprocess step (the current manifest)")
     storage.write_json(workspace.run_options(run_id), {"argv": list(job.argv)})
     _subprocess("preprocess", preprocess_argv(job, workspace, run_id, champion))
+
+
+def check_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> dict:
+    """The data-health gate (pipelines/health.py): raises StepError, before anything trains, when the
+    new dataset is too unlike the champion's."""
+    new = dataset.read(workspace.dataset_dir(run_id))
+    before = None
+    if champion:
+        champion_data = workspace.dataset_dir(champion.run_id)
+        if storage.exists(storage.join(champion_data, DATASET_JSON)):
+            before = dataset.read(champion_data)
+        else:
+            log.warning("[check] the champion's dataset %s is gone: nothing to compare with", champion_data)
+    report = health.check(new, before, job.health)
+    storage.write_json(workspace.health(run_id), report)
+    if not report["passed"]:
+        raise StepError("data health check failed, nothing was trained: " + "; ".join(report["failures"]))
+    log.info("[check] passed: %s", report["numbers"])
+    return report
 
 
 def _load_servable(export_dir: str, labels: list[str]) -> tuple[Any, Any]:
@@ -288,13 +331,14 @@ def _dataset_counts(workspace: Workspace, run_id: str) -> dict | None:
     if not meta:
         return None
     return {"input_rows": meta["input_rows"], "rejected": meta["rejected"],
-            "examples": {name: split["examples"] for name, split in meta["splits"].items()}}
+            "examples": {name: split["examples"] for name, split in meta["splits"].items()},
+            **{key: meta.get(key, 0) for key in ("rows_fetched", "rows_reused", "rows_revalidated")}}
 
 
 def _run_id(job: RetrainJob, workspace: Workspace) -> str:
     if job.retrain.run_id:
         return job.retrain.run_id
-    if job.retrain.step in ("train", "promote"):
+    if job.retrain.step in ("check", "train", "promote"):
         existing = workspace.runs()
         if not existing:
             raise StepError(f"no runs under {workspace.root}/runs: run --step preprocess first or pass --run_id")
@@ -306,19 +350,21 @@ def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
     run_id = _run_id(job, workspace)
-    if job.retrain.step in ("train", "promote"):
+    if job.retrain.step in ("check", "train", "promote"):
         job = _with_recorded_options(job, workspace, run_id)
     champion = workspace.champion()
     started = dt.datetime.now(dt.timezone.utc)
     record: dict[str, Any] = {"time": started.isoformat(timespec="seconds"), "run_id": run_id,
                               "step": job.retrain.step, "input": job.manifest.input,
                               "champion_before": champion and champion.run_id}
-    steps = ("preprocess", "train", "promote") if job.retrain.step == "all" else (job.retrain.step,)
+    steps = STEPS[1:] if job.retrain.step == "all" else (job.retrain.step,)
     try:
         for step in steps:
             if step == "preprocess":
                 preprocess_step(job, workspace, run_id, champion)
                 record["data"] = _dataset_counts(workspace, run_id)
+            elif step == "check":
+                record["health"] = check_step(job, workspace, run_id, champion)
             elif step == "train":
                 _subprocess("train", train_argv(job, workspace, run_id))
             else:
@@ -327,6 +373,8 @@ def run(job: RetrainJob) -> int:
         if not isinstance(e, StepError):
             log.exception("unexpected failure")
         record.update(outcome="failed", reason=f"{type(e).__name__}: {e}")
+        if "check" in steps and "health" not in record:
+            record["health"] = storage.read_json_if_exists(workspace.health(run_id))
         workspace.append_history(record)
         print(f"error: {e}; the champion is unchanged", file=sys.stderr)
         return 1

@@ -4,6 +4,7 @@
                                  later steps (on other machines, under Vertex AI Pipelines) use them
     runs/<run_id>/dataset/       the dataset version (pipelines.preprocess output)
     runs/<run_id>/model/         the challenger (trainer.task output)
+    runs/<run_id>/health.json    the data-health gate's report (pipelines/health.py)
     runs/<run_id>/decision.json  the promotion decision
     champion.json                the current model, replaced atomically
     history.jsonl                one JSON record per run, for people
@@ -22,6 +23,7 @@ CHAMPION_JSON = "champion.json"
 HISTORY_JSONL = "history.jsonl"
 RUN_OPTIONS_JSON = "options.json"
 DECISION_JSON = "decision.json"
+HEALTH_JSON = "health.json"
 RUN_DATASET_DIR = "dataset"
 RUN_MODEL_DIR = "model"
 
@@ -63,6 +65,9 @@ class Workspace:
 
     def decision(self, run_id: str) -> str:
         return storage.join(self.run_dir(run_id), DECISION_JSON)
+
+    def health(self, run_id: str) -> str:
+        return storage.join(self.run_dir(run_id), HEALTH_JSON)
 
     @property
     def champion_file(self) -> str:

@@ -363,10 +363,13 @@ def test_docker_build_context_has_what_the_images_copy(dockerfile):
         assert source not in ignored, f"{dockerfile} copies {source}, which .dockerignore excludes"
 
 
-def test_kfp_pipeline_compiles_to_three_ordered_steps_in_the_trainer_image(kfp_yaml):
+def test_kfp_pipeline_compiles_to_four_ordered_steps_in_the_trainer_image(kfp_yaml):
     tasks = kfp_yaml["root"]["dag"]["tasks"]
-    assert set(tasks) == {"preprocess", "train", "promote"}
-    assert tasks["train"]["dependentTasks"] == ["preprocess"]
+    assert set(tasks) == {"preprocess", "check-data", "train", "promote"}
+    assert tasks["check-data"]["dependentTasks"] == ["preprocess"]  # the data-health gate, before any GPU
+    check = kfp_yaml["deploymentSpec"]["executors"]["exec-check-data"]["container"]["args"]
+    assert check[check.index("--step") + 1] == "check"
+    assert tasks["train"]["dependentTasks"] == ["check-data"]
     assert tasks["promote"]["dependentTasks"] == ["train"]
     assert not any(task["cachingOptions"].get("enableCaching") for task in tasks.values()), (
         "a scheduled run re-reads the same manifest path: cached steps would skip new data")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_server import FaultServer, Response
 
 import sample_data
 from pipelines import retrain
@@ -88,6 +89,97 @@ def test_promote_refuse_and_survive_a_kill(manifest, tmp_path):
     assert (new_run / "dataset" / "labels.txt").read_text() == Path(champion["labels_file"]).read_text()
     # Both models were scored on the same test split.
     assert record["decision"]["test_examples"] > 0
+
+
+def _http_manifest(source: str, server, rows: int, relabel: dict[str, str] | None = None,
+                   missing: frozenset[str] = frozenset()) -> list[list[str]]:
+    """The first `rows` rows of a sample MovieGenre.csv with their posters served by `server` (with
+    an ETag each); `relabel` changes genres by imdbId; ids in `missing` answer 404."""
+    import csv
+
+    with open(source, newline="") as f:
+        header, *body = list(csv.reader(f))
+    poster = header.index("Poster")
+    out = [header]
+    for row in body[:rows]:
+        path = f"/posters/{row[0]}.jpg"
+        if row[0] in missing:
+            server.route(path, Response(status=404))
+        else:
+            image = (Path(source).parent / row[poster]).read_bytes()
+            server.route(path, Response(body=image, content_type="image/jpeg", etag=f'"{row[0]}-1"'))
+        row = list(row)
+        row[poster] = server.url(path)
+        row[header.index("Genre")] = (relabel or {}).get(row[0], row[header.index("Genre")])
+        out.append(row)
+    return out
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> str:
+    import csv
+
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return str(path)
+
+
+def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_training(manifest, tmp_path):
+    server = FaultServer().start()
+    workspace = tmp_path / "ws"
+    try:
+        night1 = _write_csv(tmp_path / "night1.csv", _http_manifest(manifest, server, 200))
+        done = _retrain(workspace, night1, "--epochs", "8", "--allow_loopback")
+        out, _ = done.communicate(timeout=600)
+        assert done.returncode == 0, out
+        assert server.statuses() == {200: 200}
+        champion_bytes = (workspace / "champion.json").read_bytes()
+
+        # Night 2: 10 % new rows and five relabelled ones: only the new images are downloaded.
+        genres = {row[0]: row[4] for row in _http_manifest(manifest, server, 220)[1:]}
+        relabel = {key: "Sneaker" if genres[key] != "Sneaker" else "Bag" for key in list(genres)[:5]}
+        before = len(server.answers)
+        night2 = _write_csv(tmp_path / "night2.csv", _http_manifest(manifest, server, 220, relabel))
+        done = _retrain(workspace, night2, "--epochs", "8", "--allow_loopback")
+        out, _ = done.communicate(timeout=600)
+        assert done.returncode == 0, out
+        assert [status for _, status in server.answers[before:]] == [200] * 20
+        record = _history(workspace)[-1]
+        assert record["data"]["rows_reused"] == 200 and record["data"]["rows_fetched"] == 20, record
+        assert record["health"]["passed"] and record["outcome"] in ("promoted", "refused")
+        labels_of = _labels_by_id(workspace / "runs" / record["run_id"] / "dataset")
+        assert {key: labels_of[key] for key in relabel} == {key: {label} for key, label in relabel.items()}
+        champion_bytes = (workspace / "champion.json").read_bytes()
+
+        # Night 3: 40 % of the image URLs answer 404. Revalidation finds them; the gate stops the run.
+        missing = frozenset(list(genres)[::5] + list(genres)[1::5])
+        night3 = _write_csv(tmp_path / "night3.csv", _http_manifest(manifest, server, 220, relabel, missing))
+        done = _retrain(workspace, night3, "--epochs", "8", "--allow_loopback", "--revalidate", "conditional")
+        out, _ = done.communicate(timeout=600)
+        assert done.returncode == 1, out
+        record = _history(workspace)[-1]
+        assert record["outcome"] == "failed" and "data health check failed" in record["reason"], record
+        assert "rejected share 0.400" in record["reason"] and "--max_rejected_rise" in record["reason"]
+        assert "fetch:http_404 88" in record["reason"]
+        assert record["health"]["passed"] is False and record["data"]["rejected"] == 88
+        assert not (workspace / "runs" / record["run_id"] / "model").exists()  # nothing trained
+        assert (workspace / "champion.json").read_bytes() == champion_bytes
+    finally:
+        server.stop()
+
+
+def _labels_by_id(data_dir: Path) -> dict[str, set[str]]:
+    import tensorflow as tf
+
+    info = json.loads((data_dir / "dataset.json").read_text())
+    spec = {"id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.FixedLenFeature([info["num_labels"]], tf.int64)}
+    found = {}
+    for split in info["splits"].values():
+        for name in split["files"]:
+            for record in tf.data.TFRecordDataset(str(data_dir / name)):
+                example = tf.io.parse_single_example(record, spec)
+                found[example["id"].numpy().decode()] = {info["labels"][i] for i, v in
+                                                         enumerate(example["labels"].numpy()) if v}
+    return found
 
 
 def test_failed_step_exits_nonzero_and_is_recorded(tmp_path):

@@ -1,4 +1,4 @@
-"""Scheduled retraining on Vertex AI Pipelines (KFP v2): preprocess -> train -> evaluate/promote.
+"""Scheduled retraining on Vertex AI Pipelines (KFP v2): preprocess -> check data -> train -> evaluate/promote.
 
 Each step is a container component running the trainer image (deploy/trainer.Dockerfile) with one
 phase of ``python -m pipelines.retrain`` (``--step``), so the workspace layout, the reuse of the
@@ -7,9 +7,12 @@ code the single-machine cron job runs in one go. The steps share ``--run_id`` (t
 name) and hand over through the workspace, so each can run on the machine it needs. The pipeline
 declares no option of its own: ``retrain_flags`` (a list of `pipelines.retrain` flags - preprocessing,
 training and the promotion gate, with their defaults in one place) goes to the first step, which
-records them in the run's folder for the other two.
+records them in the run's folder for the others.
 
-- preprocess: a small VM that launches the Beam job on Dataflow and waits for it;
+- preprocess: a small VM that launches the Beam job on Dataflow and waits for it (reusing the
+  stored images of the workspace's newest dataset for unchanged sources, unless --full_rebuild);
+- check-data: the data-health gate, new dataset against the champion's; a failure ends the run
+  here, before any GPU is paid for, with the reason in history.jsonl;
 - train: a GPU machine (MirroredStrategy uses every GPU on it);
 - promote: evaluates challenger and champion on the same test split and promotes atomically.
 
@@ -65,6 +68,10 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
                                  args=["--step", step, "--workspace", workspace, "--run_id", run_id])
 
     @dsl.container_component
+    def check_data(workspace: str, run_id: str) -> dsl.ContainerSpec:
+        return later_step("check", workspace, run_id)
+
+    @dsl.container_component
     def train(workspace: str, run_id: str) -> dsl.ContainerSpec:
         return later_step("train", workspace, run_id)
 
@@ -86,13 +93,14 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
         run_id = dsl.PIPELINE_JOB_NAME_PLACEHOLDER
         prep = preprocess(workspace=workspace, run_id=run_id, manifest=manifest, retrain_flags=retrain_flags,
                           project=project, region=region, max_num_workers=max_num_workers, machine_type=machine_type)
-        fit = train(workspace=workspace, run_id=run_id).after(prep)
+        healthy = check_data(workspace=workspace, run_id=run_id).after(prep)
+        fit = train(workspace=workspace, run_id=run_id).after(healthy)
         fit.set_accelerator_type(accelerator_type).set_accelerator_limit(accelerator_count)
         fit.set_cpu_limit(train_cpu).set_memory_limit(train_memory)
         gate = promote(workspace=workspace, run_id=run_id).after(fit)
         # A scheduled run sees the same parameters every time while the manifest's content changes:
         # a cached step would silently skip the new data.
-        for task in (prep, fit, gate):
+        for task in (prep, healthy, fit, gate):
             task.set_caching_options(False)
 
     return retrain_pipeline
