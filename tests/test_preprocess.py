@@ -320,18 +320,6 @@ def test_empty_split_gets_no_shards_and_overwrite_replaces_old_files(local_runs)
 
 # --- gs:// in and out, against the GCS emulator -----------------------------------------------------
 
-@pytest.fixture
-def emulator_credentials(gcs_emulator, tmp_path, monkeypatch):
-    """Beam's GCS client asks google.auth.default() for credentials and, finding none, retries for
-    ~24 s before going anonymous; `--no_auth` does not help (in Beam 2.77 only the Dataflow API
-    client reads it). Application Default Credentials with an already-valid dummy token make the
-    look-up succeed at once without any refresh (a network call); the emulator ignores the token."""
-    adc = tmp_path / "adc.json"
-    adc.write_text(json.dumps({"type": "authorized_user", "client_id": "emulator", "client_secret": "emulator",
-                               "refresh_token": "emulator", "token": "emulator", "expiry": "2999-01-01T00:00:00Z"}))
-    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
-
-
 def test_gcs_input_and_output_on_the_emulator(gcs_bucket, emulator_credentials, tmp_path):
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
@@ -373,6 +361,21 @@ def test_gcs_input_and_output_on_the_emulator(gcs_bucket, emulator_credentials, 
     rejected = list(read_rejected(str(tmp_path), info).values())
     assert [(r["id"], r["stage"], r["reason"]) for r in rejected] == [("train_5", "fetch", "not_found")]
     assert rejected[0]["uri"] == f"gs://{gcs_bucket}/planet/train-jpg/train_5.jpg"
+
+    # Incremental from gs:// to gs://: a replaced object has a new generation and is fetched again.
+    bucket.blob("planet/train-jpg/train_1.jpg").upload_from_string(jpeg(101, (64, 64)))
+    again = run(["--input", f"gs://{gcs_bucket}/planet/train_v2.csv", "--output", f"gs://{gcs_bucket}/out2",
+                 "--vocab_file", str(vocab), "--unlabeled", "keep", "--shard_compression", "gzip", *FAST_FETCH,
+                 "--reuse_dataset", output, "--revalidate", "conditional"])
+    assert (again["rows_reused"], again["rows_revalidated"], again["rows_fetched"]) == (4, 4, 2)
+    assert again["reused_from"] == output and again["input_rows"] == info["input_rows"]
+    second = tmp_path / "second"
+    second.mkdir()
+    for blob in bucket.list_blobs(prefix="out2/"):
+        if blob.name.endswith(".tfrecord.gz"):
+            blob.download_to_filename(str(second / os.path.basename(blob.name)))
+    renewed = read_examples(str(second), again)
+    assert {k for k in examples if renewed[k]["image"] != examples[k]["image"]} == {"train_1"}
 
 
 # --- user errors: one line, exit code 2 ----------------------------------------------------------------
