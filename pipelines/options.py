@@ -9,9 +9,11 @@ Which entry point takes which group:
 | `FetchOptions` | pipelines/fetch.py | all | all | forwarded |
 | `ImageOptions` | pipelines/images.py | all | --max_image_pixels | forwarded |
 | `SplitOptions` | here | all | - | forwarded |
+| `ReuseOptions` | pipelines/reuse.py | all | - | forwarded (but --reuse_dataset, which retrain sets) |
 | `OutputOptions` | here | all | all | set by retrain |
 | `PredictOptions` | here | - | all | - |
 | `RetrainOptions` | pipelines/retrain.py | - | - | all |
+| `HealthOptions` | pipelines/health.py | - | - | all |
 | `TrainOptions` | trainer/config.py | - | - | forwarded to trainer.task |
 
 Any other argument must be one of Beam's pipeline options (--runner, --project, ...).
