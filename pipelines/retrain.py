@@ -183,8 +183,12 @@ def preprocess_argv(job: RetrainJob, workspace: Workspace, run_id: str, champion
 
 
 def train_argv(job: RetrainJob, workspace: Workspace, run_id: str) -> list[str]:
-    return ["trainer.task", "--data_dir", workspace.dataset_dir(run_id), "--model_dir", workspace.model_dir(run_id),
+    argv = ["trainer.task", "--data_dir", workspace.dataset_dir(run_id), "--model_dir", workspace.model_dir(run_id),
             *flags.to_argv(job.train)]
+    if job.train.feature_store is None:
+        # Shared by the workspace's runs: a night extracts backbone features for its new images only.
+        argv += ["--feature_store", workspace.features_dir]
+    return argv
 
 
 def preprocess_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> None:

@@ -6,6 +6,7 @@
     runs/<run_id>/model/         the challenger (trainer.task output)
     runs/<run_id>/health.json    the data-health gate's report (pipelines/health.py)
     runs/<run_id>/decision.json  the promotion decision
+    features/                    backbone features of stored images, shared by the runs (trainer/features.py)
     champion.json                the current model, replaced atomically
     history.jsonl                one JSON record per run, for people
 """
@@ -26,6 +27,7 @@ DECISION_JSON = "decision.json"
 HEALTH_JSON = "health.json"
 RUN_DATASET_DIR = "dataset"
 RUN_MODEL_DIR = "model"
+FEATURES_DIR = "features"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,10 @@ class Workspace:
 
     def health(self, run_id: str) -> str:
         return storage.join(self.run_dir(run_id), HEALTH_JSON)
+
+    @property
+    def features_dir(self) -> str:
+        return storage.join(self.root, FEATURES_DIR)
 
     @property
     def champion_file(self) -> str:

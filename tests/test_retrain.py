@@ -146,6 +146,8 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         record = _history(workspace)[-1]
         assert record["data"]["rows_reused"] == 200 and record["data"]["rows_fetched"] == 20, record
         assert record["health"]["passed"] and record["outcome"] in ("promoted", "refused")
+        run_json = json.loads((workspace / "runs" / record["run_id"] / "model" / "run.json").read_text())
+        assert run_json["timings"]["feature_extraction_images"] == 20  # the rest from the workspace's store
         labels_of = _labels_by_id(workspace / "runs" / record["run_id"] / "dataset")
         assert {key: labels_of[key] for key in relabel} == {key: {label} for key, label in relabel.items()}
         champion_bytes = (workspace / "champion.json").read_bytes()
@@ -230,7 +232,7 @@ def test_failed_step_exits_nonzero_and_is_recorded(tmp_path):
 
 # --- options: one declaration, forwarded ------------------------------------------------------------
 
-PATHS = ("data_dir", "model_dir")
+PATHS = ("data_dir", "model_dir", "feature_store")  # where, not how: retrain's own folders
 
 
 def _python_m(*argv: str) -> subprocess.CompletedProcess:
@@ -254,6 +256,8 @@ def test_a_scheduled_challenger_trains_exactly_as_the_trainer_does_by_default(ma
     assert direct.returncode == 0, direct.stderr[-3000:]
     scheduled = _flags(workspace / "runs" / run_id / "model")
     assert scheduled == _flags(tmp_path / "direct")
+    recorded = json.loads((workspace / "runs" / run_id / "model" / "run.json").read_text())["flags"]
+    assert recorded["feature_store"] == str(workspace / "features")
     assert scheduled["epochs"] is None and scheduled["early_stopping_patience"] is None  # the path's defaults
 
 
@@ -270,7 +274,8 @@ def test_every_training_option_reaches_the_challenger_through_retrain(manifest, 
               "learning_rate": 0.002, "hidden_units": 8, "dropout": 0.1, "positive_weights": True, "beta": 2.0,
               "seed": 5, "fine_tune_layers": 2, "fine_tune_learning_rate": 0.0002, "warm_start_epochs": 2,
               "augment": "flip", "cpu_replicas": 2, "early_stopping_patience": 3},
-        "b": {"loss": "soft_f1", "feature_cache": "off", "epochs": 1, "batch_size": 32, "seed": 1},
+        "b": {"loss": "soft_f1", "feature_cache": "off", "epochs": 1, "batch_size": 32, "seed": 1,
+              "feature_store": str(tmp_path / "elsewhere")},
     }
     options = {o.flag: o for o in declared(TrainOptions)}
     assert set(runs["a"]) | set(runs["b"]) == set(options), "a new training option must be added to this test"

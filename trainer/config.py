@@ -98,6 +98,10 @@ class TrainOptions:
                                 help="auto: with a frozen backbone and no augmentation, compute backbone features "
                                      "once per split, cache them under model_dir/feature_cache/ and train the head "
                                      "on them; off: always run every image through the backbone")
+    feature_store: str | None = option(None, help="a folder of backbone features shared by runs (local or gs://), "
+                                                  "looked up by the stored image's bytes, the backbone and the image "
+                                                  "size: only images not seen before go through the backbone "
+                                                  "(pipelines.retrain uses <workspace>/features)")
 
     def __post_init__(self) -> None:
         if self.positive_weights and self.loss != "bce":

@@ -80,6 +80,11 @@ def _augmenter(augment: str, seed: int | None):
     return {"flip": flip, "dihedral": dihedral}[augment]
 
 
+def split_records(info: DatasetInfo, split: str) -> tf.data.Dataset:
+    """The serialized examples of `split` in the stored order (the order of evaluation)."""
+    return _records(info.shard_paths(split), info.compression_type, False, None)
+
+
 def image_dataset(
     info: DatasetInfo,
     split: str,
@@ -88,13 +93,15 @@ def image_dataset(
     training: bool = False,
     seed: int | None = None,
     augment: str = "none",
+    only: np.ndarray | None = None,
 ) -> tf.data.Dataset:
     """(uint8 images [B,S,S,3], the pixels as stored; float32 multi-hot [B,K]) batches of `split`.
 
     Training shuffles shard order and examples (reproducibly when `seed` is set), applies
     `augment` and drops a short last batch; evaluation reads every example with shards in their
     stored order. Batches hold the GLOBAL batch size: under MirroredStrategy Keras splits each
-    across the replicas.
+    across the replicas. `only` (evaluation order only): a bool mask, one per example in stored
+    order, of the examples to read (trainer/features.py extracts just the images it lacks).
     """
     if augment not in AUGMENTATIONS:
         raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {augment!r}")
@@ -103,6 +110,13 @@ def image_dataset(
         raise DatasetError(f"the {split} split of {info.data_dir} has no shards")
     deterministic = seed is not None or not training
     dataset = _records(paths, info.compression_type, training, seed)
+    examples = split_info.examples
+    if only is not None:
+        if training or len(only) != examples:
+            raise ValueError(f"only: a mask over the {examples} examples of {split}, in evaluation order")
+        mask = tf.constant(only, tf.bool)
+        dataset = dataset.enumerate().filter(lambda i, _: mask[i]).map(lambda _, record: record)
+        examples = int(only.sum())
     if training:
         dataset = dataset.shuffle(shuffle_buffer(split_info.examples), seed=seed, reshuffle_each_iteration=True)
     dataset = dataset.map(_parser(info), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
@@ -110,7 +124,7 @@ def image_dataset(
         dataset = dataset.map(_augmenter(augment, seed), num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
     # Images stay uint8: the model converts them to float (model.NonEmptyBatch), on the accelerator
     # when there is one, so the host builds and ships batches 4x smaller (benchmarks/README.md, 4.).
-    return _batched(dataset, split_info.examples, global_batch_size, training)
+    return _batched(dataset, examples, global_batch_size, training)
 
 
 def feature_dataset(

@@ -28,6 +28,7 @@ from tagbeam.console import Progress
 from tagbeam.dataset import SPLITS, DatasetInfo
 from trainer import data, model as model_lib
 from trainer.config import CACHED, DEFAULT_PATIENCE, TrainOptions
+from trainer.features import FeatureStore
 from trainer.losses import get_loss, positive_weights
 from trainer.metrics import training_metrics
 
@@ -176,7 +177,8 @@ def read_history(path: str) -> dict[str, list[float]]:
 
 
 def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
-                      cache: FeatureCache, batch_size: int, timings: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      cache: FeatureCache, batch_size: int, timings: dict[str, float], store: FeatureStore | None
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     features = {}
     images, seconds = 0, 0.0
     extract = model_lib.BatchRunner(strategy, backbone.features)
@@ -191,17 +193,32 @@ def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backb
             features[split] = cached
             continue
         start = time.perf_counter()
-        progress = Progress(log, f"{split}: backbone features", info.split(split).examples)
-        outputs, labels = extract(data.image_dataset(info, split, batch_size), progress)
+
+        def through_backbone(only: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+            count = info.split(split).examples if only is None else int(only.sum())
+            progress = Progress(log, f"{split}: backbone features", count)
+            result = extract(data.image_dataset(info, split, batch_size, only=only), progress)
+            progress.finish()
+            return result
+
+        if store is None:
+            outputs, labels = through_backbone(None)
+            extracted = len(outputs)
+        else:
+            outputs, labels, extracted = store.split_features(info, split, lambda only: through_backbone(only)[0])
         elapsed = time.perf_counter() - start
-        progress.finish()
         cache.save(split, outputs, labels)
         features[split] = (outputs, labels)
-        images, seconds = images + len(outputs), seconds + elapsed
+        images, seconds = images + extracted, seconds + elapsed
     timings["feature_extraction_s"] = seconds
+    timings["feature_extraction_images"] = images
     if images:
         timings["feature_extraction_images_per_s"] = images / seconds
     return features
+
+
+def _feature_store(options: TrainOptions, info: DatasetInfo, backbone: model_lib.Backbone) -> FeatureStore | None:
+    return FeatureStore(options.feature_store, info, backbone.path) if options.feature_store else None
 
 
 def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool, epochs: int
@@ -246,7 +263,7 @@ def prepare_inputs(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone
     has_val = info.split("val").examples > 0
     if cached:
         features = _extract_features(strategy, info, backbone, FeatureCache(dirs.feature_cache, info, backbone),
-                                     options.batch_size, timings)
+                                     options.batch_size, timings, _feature_store(options, info, backbone))
         return Inputs(features,
                       data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
                       data.feature_dataset(*features["val"], options.batch_size) if has_val else None)
@@ -266,7 +283,8 @@ def warm_start_head(strategy: tf.distribute.Strategy, info: DatasetInfo, backbon
     it from the feature cache, unless the fine-tuning stage has a backup (which holds the head).
     """
     cache = FeatureCache(dirs.feature_cache, info, backbone)
-    features = _extract_features(strategy, info, backbone, cache, options.batch_size, timings)
+    features = _extract_features(strategy, info, backbone, cache, options.batch_size, timings,
+                                 _feature_store(options, info, backbone))
     monitor = "val_loss" if "val" in features else "loss"
     patience = options.early_stopping_patience or DEFAULT_PATIENCE[CACHED]
     with strategy.scope():
