@@ -13,42 +13,18 @@ what one decoding thread may really have to hold.
 """
 from __future__ import annotations
 
-import io
 import shutil
-import struct
 import sys
-import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import Context, format_table, module_main, summary_row
+from sample_data.hostile import png_header, zero_tiff
 
 NAME = "preprocess_memory"
 TARGET_GROWTH = 1.5
 HOSTILE_COPIES = 8
-
-
-def _zero_tiff(shape: tuple[int, int, int], dtype: str, tile: int = 256) -> bytes:
-    """A zlib-compressed tiled TIFF of zeros, written tile by tile (small as a file and while written)."""
-    import numpy as np
-    import tifffile
-
-    out = io.BytesIO()
-    height, width, samples = shape
-    tiles = -(-height // tile) * -(-width // tile)
-    tifffile.imwrite(out, data=(np.zeros((tile, tile, samples), dtype) for _ in range(tiles)), shape=shape,
-                     dtype=dtype, tile=(tile, tile), compression="zlib", photometric="minisblack",
-                     planarconfig="contig")
-    return out.getvalue()
-
-
-def _png_header(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def _with_extra_images(ctx: Context, count: int, name: str, images: dict[str, bytes]) -> Path:
@@ -76,10 +52,10 @@ def run(ctx: Context) -> dict[str, Any]:
     small, big = (runs[str(n)] for n in counts)
     growth = big["peak_rss_mb"] / small["peak_rss_mb"]
     per_thousand = (big["peak_rss_mb"] - small["peak_rss_mb"]) / (counts[1] - counts[0]) * 1000
-    hostile = {"tiff_7000px_16bit_4band": _zero_tiff((7000, 7000, 4), "uint16"),
-               "tiff_2000px_200samples": _zero_tiff((2000, 2000, 200), "uint8"),
-               "png_header_30000px": _png_header(30000, 30000)}
-    admitted = {"tiff_5000px_16bit_4band": _zero_tiff((5000, 5000, 4), "uint16")}
+    hostile = {"tiff_7000px_16bit_4band": zero_tiff((7000, 7000, 4), "uint16"),
+               "tiff_2000px_200samples": zero_tiff((2000, 2000, 200), "uint8"),
+               "png_header_30000px": png_header(30000, 30000)}
+    admitted = {"tiff_5000px_16bit_4band": zero_tiff((5000, 5000, 4), "uint16")}
     for name, images in (("hostile", hostile), ("admitted", admitted)):
         runs[name] = ctx.preprocess(_with_extra_images(ctx, counts[0], name, images), f"posters-{counts[0]}-{name}").as_dict()
     hostile_ratio = runs["hostile"]["peak_rss_mb"] / small["peak_rss_mb"]

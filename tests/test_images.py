@@ -15,6 +15,7 @@ import skimage.data
 import tifffile
 from PIL import Image
 
+from sample_data.hostile import zero_tiff
 from pipelines.images import ImageError, ImageOptions, _decode, pad_geometry, process, resize, to_rgb
 
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
@@ -172,17 +173,6 @@ def test_decompression_bombs_are_refused_from_the_header():
     with pytest.raises(ImageError, match="too_many_pixels"):
         to_rgb(tifffile_bytes(np.zeros((200, 100, 4), np.uint16), photometric="minisblack",
                               planarconfig="contig"), ImageOptions(max_pixels=19_999))
-
-
-def zero_tiff(shape: tuple[int, int, int], dtype: type, tile: int = 256) -> bytes:
-    """A zlib-compressed tiled TIFF of zeros, written tile by tile: small as a file and in memory."""
-    out = io.BytesIO()
-    height, width, samples = shape
-    tiles = -(-height // tile) * -(-width // tile)
-    tifffile.imwrite(out, data=(np.zeros((tile, tile, samples), dtype) for _ in range(tiles)), shape=shape,
-                     dtype=dtype, tile=(tile, tile), compression="zlib", compressionargs={"level": 1}, photometric="minisblack",
-                     planarconfig="contig")
-    return out.getvalue()
 
 
 def test_images_too_large_decoded_are_refused_from_the_header_whatever_the_decoder():

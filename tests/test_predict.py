@@ -14,6 +14,7 @@ from trainer.hub import hub
 import tf_keras
 
 from backbone_factory import write_backbone
+from sample_data.hostile import zero_tiff
 import sample_data
 from pipelines import images, predict
 from pipelines.images import ImageOptions
@@ -53,7 +54,8 @@ def _with_bad_rows(posters: str, tmp_path) -> tuple[str, dict[str, str]]:
     images = os.path.join(posters, "images")
     with open(os.path.join(images, os.listdir(images)[0]), "rb") as f:
         jpeg = f.read()
-    bad = {"truncated.jpg": jpeg[: len(jpeg) // 3], "page.jpg": b"<html><body>Not found</body></html>"}
+    bad = {"truncated.jpg": jpeg[: len(jpeg) // 3], "page.jpg": b"<html><body>Not found</body></html>",
+           "huge.tif": zero_tiff((7000, 7000, 4), np.uint16)}  # 0.4 MB as a file, 392 MB decoded
     for name, data in bad.items():
         (tmp_path / name).write_bytes(data)
     with open(os.path.join(posters, "MovieGenre-heldout.csv"), encoding="utf-8") as f:
@@ -64,12 +66,14 @@ def _with_bad_rows(posters: str, tmp_path) -> tuple[str, dict[str, str]]:
     extra = [["9000001", "", "Cut", "5.0", "Drama", str(tmp_path / "truncated.jpg")],
              ["9000002", "", "Html", "5.0", "Drama", str(tmp_path / "page.jpg")],
              ["9000003", "", "Gone", "5.0", "Drama", str(tmp_path / "missing.jpg")],
-             ["9000004", "", "No poster", "5.0", "Drama", ""]]
+             ["9000004", "", "No poster", "5.0", "Drama", ""],
+             ["9000005", "", "Huge", "5.0", "Drama", str(tmp_path / "huge.tif")],
+             ["9000006", "", "Bracket", "5.0", "Drama", "http://[::1"]]
     manifest = tmp_path / "MovieGenre.csv"
     with open(manifest, "w", newline="", encoding="utf-8") as f:
         csv.writer(f).writerows([header, *body, *extra])
     expected = {"9000001": "decode:truncated", "9000002": "decode:not_an_image", "9000003": "fetch:not_found",
-                "9000004": "parse:missing_uri"}
+                "9000004": "parse:missing_uri", "9000005": "decode:too_large_decoded", "9000006": "parse:bad_uri"}
     return str(manifest), expected
 
 
@@ -82,9 +86,9 @@ def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_p
     assert code == 0
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["input_rows"] == 24 + 4
+    assert summary["input_rows"] == 24 + 6
     assert summary["predicted"] == 24
-    assert summary["rejected"] == 4
+    assert summary["rejected"] == 6
     assert summary["model"].endswith("/1")
 
     rejected = {}

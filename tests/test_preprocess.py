@@ -6,10 +6,8 @@ import io
 import json
 import math
 import os
-import struct
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from fault_server import FaultServer, Response, redirect
 from PIL import Image
 
 from pipelines import preprocess, shards
+from sample_data.hostile import png_header
 from pipelines.splits import split_of
 
 IMAGE_SIZE = 32
@@ -40,14 +39,6 @@ def png_rgba(seed: int) -> bytes:
     out = io.BytesIO()
     Image.fromarray(pixels, "RGBA").save(out, "PNG")
     return out.getvalue()
-
-
-def png_header(width: int, height: int) -> bytes:
-    """A valid PNG that declares width x height but holds almost no data (a decompression bomb)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
 
 
 def run(argv: list[str]) -> dict:
