@@ -139,6 +139,7 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         relabel = {key: "Sneaker" if genres[key] != "Sneaker" else "Bag" for key in list(genres)[:5]}
         before = len(server.answers)
         night2 = _write_csv(tmp_path / "night2.csv", _http_manifest(manifest, server, 220, relabel))
+        vocab = json.loads(champion_bytes)["labels_file"]
         done = _retrain(workspace, night2, "--epochs", "8", "--allow_loopback")
         out, _ = done.communicate(timeout=600)
         assert done.returncode == 0, out
@@ -150,6 +151,15 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         assert run_json["timings"]["feature_extraction_images"] == 20  # the rest from the workspace's store
         labels_of = _labels_by_id(workspace / "runs" / record["run_id"] / "dataset")
         assert {key: labels_of[key] for key in relabel} == {key: {label} for key, label in relabel.items()}
+        # The same night as a full rebuild writes the same bytes.
+        rebuilt = tmp_path / "rebuilt"
+        done = _python_m("pipelines.preprocess", "--input", night2, "--output", str(rebuilt), "--vocab_file", vocab,
+                         "--allow_loopback", *PREPROCESS_FLAGS)
+        assert done.returncode == 0, done.stderr[-3000:]
+        incremental = workspace / "runs" / record["run_id"] / "dataset"
+        written = sorted(p.name for p in rebuilt.iterdir() if p.suffix == ".tfrecord" or p.name == "labels.txt")
+        assert len(written) >= 4
+        assert {n: (rebuilt / n).read_bytes() for n in written} == {n: (incremental / n).read_bytes() for n in written}
         champion_bytes = (workspace / "champion.json").read_bytes()
 
         # Night 3: 40 % of the image URLs answer 404. Revalidation finds them; the gate stops the run.
@@ -291,7 +301,7 @@ def test_every_training_option_reaches_the_challenger_through_retrain(manifest, 
         assert done.returncode == 0, done.stderr[-3000:]
         done = _python_m(*common, "--step", "train") if run_id == "a" else _python_m(*common, "--step", "train", *argv)
         assert done.returncode == 0, done.stderr[-3000:]
-        recorded = _flags(workspace / "runs" / run_id / "model")
+        recorded = json.loads((workspace / "runs" / run_id / "model" / "run.json").read_text())["flags"]
         assert {flag: recorded[flag] for flag in values} == values
 
 
