@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -81,7 +82,7 @@ def previous_dataset(options: ReuseOptions, output: str, image_options: images.I
     folder = options.reuse_dataset
     if not folder:
         return None
-    if storage.join(folder, "") == storage.join(output, ""):
+    if _same_place(folder, output):
         raise UsageError(f"--reuse_dataset {folder} is --output: the run clears its output before it reads; "
                          "write the new dataset to another folder")
     try:
@@ -103,6 +104,17 @@ def previous_dataset(options: ReuseOptions, output: str, image_options: images.I
     return Previous(folder, shards, sources, info.shard_compression)
 
 
+def _same_place(a: str, b: str) -> bool:
+    if storage.is_remote(a) or storage.is_remote(b):
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _keyed(line: str) -> tuple[str, Source]:
+    source = Source.from_json(line)
+    return source.id, source
+
+
 class ReadSources(beam.PTransform):
     """(id, Source) of every example of the earlier dataset; nothing without one."""
 
@@ -115,7 +127,7 @@ class ReadSources(beam.PTransform):
         return (pbegin
                 | "Files" >> beam.Create(files)
                 | "Read" >> beam.io.ReadAllFromText()
-                | "Parse" >> beam.Map(lambda line: (lambda s: (s.id, s))(Source.from_json(line))))
+                | "Parse" >> beam.Map(_keyed))
 
 
 def _rebuild(record: bytes, reused: Mapping[str, Reused], plan: ShardPlan) -> Iterator[Any]:
