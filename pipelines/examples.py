@@ -36,7 +36,7 @@ class ExampleOptions:
     val_fraction: float
     test_fraction: float
     keep_unlabeled: bool  # rows without a known label: kept all-zero, or rejected
-    revalidate: str = "none"  # pipelines.reuse.REVALIDATE_POLICIES: how a reusable row is checked
+    revalidate: str  # pipelines.reuse.ReuseOptions.revalidate: how a reusable row is checked
 
 
 REUSED_TAG = "reused"

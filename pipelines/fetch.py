@@ -196,7 +196,7 @@ def fetch_source(uri: str, options: FetchOptions, base: str | None = None, known
                     return read(known or None)
                 except FetchError as err:
                     left = deadline - time.monotonic()
-                    if left <= 0:
+                    if left <= 0 and err.retryable:  # a lasting failure keeps its own reason
                         raise FetchError("timeout", f"{resolved[:200]} took longer than the row's budget of "
                                                     f"{options.deadline_s:g} s (--fetch_deadline_s); last: "
                                                     f"{err.detail}") from None
@@ -446,6 +446,7 @@ def _get_http(url: str, options: FetchOptions, known: Validators | None) -> Fetc
             validators = {key: response.headers[header] for key, header in _HTTP_VALIDATORS
                           if response.headers.get(header)}
             if response.status == 304 and conditions:
+                complete = True  # no body: the connection can be kept
                 return Fetched(None, validators or dict(known or {}))
             if not 200 <= response.status < 300:
                 raise _status_error(response, url)
@@ -619,16 +620,20 @@ def _read_body(response: urllib3.BaseHTTPResponse, url: str, options: FetchOptio
 _gcs_lock = threading.Lock()
 _gcs_client = None
 _gcs_key: tuple[int, str | None] | None = None
+# Remembered per key like the client: looking for credentials probes the metadata server, which
+# must not happen again for every gs:// row of a job that has none.
+_gcs_error: FetchError | None = None
 
 
 def _gcs():
     """One google-cloud-storage client per process (per emulator setting, for tests)."""
-    global _gcs_client, _gcs_key
+    global _gcs_client, _gcs_key, _gcs_error
     from google.cloud import storage
 
     key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     with _gcs_lock:
-        if _gcs_client is None or _gcs_key != key:
+        if _gcs_key != key:
+            _gcs_client, _gcs_error, _gcs_key = None, None, key
             if key[1]:
                 from google.auth.credentials import AnonymousCredentials
 
@@ -640,11 +645,12 @@ def _gcs():
                 try:
                     _gcs_client = storage.Client()
                 except google.auth.exceptions.DefaultCredentialsError as err:
-                    raise FetchError("no_credentials", f"no Google credentials to read gs:// images ({err}); "
-                                                       "run `gcloud auth application-default login` or set "
-                                                       "GOOGLE_APPLICATION_CREDENTIALS to a service account "
-                                                       "that can read the bucket") from None
-            _gcs_key = key
+                    _gcs_error = FetchError(
+                        "no_credentials", f"no Google credentials to read gs:// images ({err}); run `gcloud auth "
+                                          "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a "
+                                          "service account that can read the bucket")
+        if _gcs_error is not None:
+            raise _gcs_error
         return _gcs_client
 
 

@@ -28,11 +28,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import math
 import struct
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
@@ -101,25 +101,24 @@ class ImageOptions:
     # under the default pixel bound, and is the memory a worker must afford per decoding thread.
     max_decoded_bytes: int = option(200 * 2**20, check=positive,
                                     help="refuse images whose decoded samples (width x height x samples per "
-                                         "pixel x bytes per sample, from the header) would take more memory")
+                                         "pixel x bytes per sample, from the header; at least 4 samples, as "
+                                         "conversion to RGB(A) takes) would take more memory")
 
     def __post_init__(self) -> None:
         check_fields(self)
 
 
-def fingerprint(options: ImageOptions) -> str:
-    """What makes the stored bytes of an image from its source bytes, hashed: every option (the
-    decoding bounds too: they decide which images are accepted), this module's version and the
-    libraries doing the work. Two runs with the same fingerprint store the same bytes for the same
-    source, which is what lets a run reuse an earlier dataset's images (pipelines/reuse.py)."""
-    import hashlib
-
+def identity(options: ImageOptions) -> dict[str, Any]:
+    """Everything that makes the stored bytes of an image from its source bytes: every option (the
+    decoding bounds too: they decide which images are accepted), the constants and version of this
+    module and the libraries doing the work. Two runs with the same identity store the same bytes
+    for the same source (pipelines/reuse.py hashes it into a dataset's image_fingerprint)."""
     import PIL
     import tifffile
 
-    what = {"options": dataclasses.asdict(options), "code": IMAGE_CODE_VERSION, "pillow": PIL.__version__,
-            "numpy": np.__version__, "tifffile": tifffile.__version__}
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+    return {"options": dataclasses.asdict(options), "code": IMAGE_CODE_VERSION, "draft_margin": DRAFT_MARGIN,
+            "png_compress_level": PNG_COMPRESS_LEVEL, "stretch_percentiles": list(_STRETCH_PERCENTILES),
+            "pillow": PIL.__version__, "numpy": np.__version__, "tifffile": tifffile.__version__}
 
 
 def to_rgb(data: bytes, options: ImageOptions = ImageOptions()) -> Image.Image:
@@ -209,7 +208,8 @@ def _decode(data: bytes, limits: ImageOptions, draft_side: int | None) -> _Decod
     if img.format == "TIFF" and _max_bits(img) > 8:
         return _whole(_tiff_rgb(data, limits))  # Pillow would keep only the high byte
     bytes_per_sample = 4 if img.mode in ("I", "F") else 2 if img.mode.startswith("I;16") else 1
-    _check_decoded_bytes(img.size, len(img.getbands()), bytes_per_sample, limits.max_decoded_bytes)
+    # At least 4 samples: a palette, bilevel or grey image is converted to RGB(A) before anything else.
+    _check_decoded_bytes(img.size, max(4, len(img.getbands())), bytes_per_sample, limits.max_decoded_bytes)
     source_size, scale = img.size, 1
     upright = img.getexif().get(ExifTags.Base.Orientation, 1) == 1
     # Draft only upright JPEGs: a rotation would move the fractional edge the geometry relies on.
@@ -329,9 +329,11 @@ def _tiff_rgb(data: bytes, limits: ImageOptions) -> Image.Image:
         tifffile.EXTRASAMPLE.ASSOCALPHA, tifffile.EXTRASAMPLE.UNASSALPHA)
     if samples.dtype == np.bool_:
         samples = samples.astype(np.uint8) * np.uint8(255)  # what the stretch makes of 0/1 images
-    colour_bands = 1 if bands <= 2 else 3
-    # The stretch's percentiles do not depend on the order of the bands (B, G, R -> R, G, B below).
-    stretch = None if samples.dtype == np.uint8 else _stretch_range(samples[..., :colour_bands])
+    # The stretch's percentiles do not depend on the order of the bands (B, G, R -> R, G, B below);
+    # grey is shown as three equal bands, whose percentiles are those of the band repeated.
+    colour_samples = samples[..., :3] if bands > 2 else np.repeat(samples[..., :1], 3, axis=-1)
+    stretch = None if samples.dtype == np.uint8 else _stretch_range(colour_samples)
+    del colour_samples
     rgb = np.empty(samples.shape[:2] + (3,), np.uint8)
     for rows in _row_blocks(samples):
         block = samples[rows]

@@ -470,9 +470,6 @@ def _parse_record(spec: ManifestSpec, path: str, base: str, columns: list[str], 
     return _row_or_reject(path, number, id_, raw_uri, base, labels)
 
 
-
-
-
 def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 

@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines import cli, dataset_info, images, manifests, reuse, vocabulary
+from pipelines import cli, dataset_info, manifests, reuse, vocabulary
 from pipelines.examples import REUSED_TAG, SOURCES_TAG, TALLIES_TAG, EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
@@ -165,7 +165,7 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
     rejected_files = (parsed.rejected, unique.rejected, encoded.rejected) | "DeadLetter" >> WriteRejected(output)
     sources_files = encoded[SOURCES_TAG] | "Sources" >> WriteSources(output)
     tallies = encoded[TALLIES_TAG] | "Tallies" >> beam.CombineGlobally(dataset_info.add_tallies)
-    record = dataset_info.ReuseRecord(images.fingerprint(job.image), previous.data_dir if previous else "")
+    record = dataset_info.ReuseRecord(reuse.fingerprint(job.image, job.fetch), previous.data_dir if previous else "")
     _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files, "tallies": tallies,
           "sources_files": sources_files}
          | "CommitDataset" >> dataset_info.CommitDataset(output, options_record, record))
@@ -193,7 +193,7 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     fixed = vocabulary.read_vocab_file(job.labels.vocab_file) if job.labels.vocab_file else None
     options = cli.pipeline_options(pipeline_args)
     local = _runs_locally(options)
-    previous = reuse.previous_dataset(job.reuse, output, job.image)
+    previous = reuse.previous_dataset(job.reuse, output, job.image, job.fetch)
     work_dir = _work_dir(options, local, output)
     try:
         # Before the clean-up below may touch --output: a folder that is not this job's stays untouched.

@@ -162,11 +162,14 @@ def _subprocess(step: str, argv: list[str]) -> None:
 
 
 def newest_dataset(workspace: Workspace, run_id: str) -> str | None:
-    """The newest complete dataset of another run: the one most like tonight's data."""
-    for other in reversed(workspace.runs()):
-        if other != run_id and storage.exists(storage.join(workspace.dataset_dir(other), DATASET_JSON)):
-            return workspace.dataset_dir(other)
-    return None
+    """The most recently written complete dataset of another run: the one most like tonight's data
+    (by dataset.json's `created`, so run ids of any form order right)."""
+    written = []
+    for other in workspace.runs():
+        meta = storage.read_json_if_exists(storage.join(workspace.dataset_dir(other), DATASET_JSON))
+        if other != run_id and meta:
+            written.append((meta.get("created", ""), other))
+    return workspace.dataset_dir(max(written)[1]) if written else None
 
 
 def preprocess_argv(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> list[str]:
@@ -377,8 +380,9 @@ def run(job: RetrainJob) -> int:
         if not isinstance(e, StepError):
             log.exception("unexpected failure")
         record.update(outcome="failed", reason=f"{type(e).__name__}: {e}")
-        if "check" in steps and "health" not in record:
-            record["health"] = storage.read_json_if_exists(workspace.health(run_id))
+        report = storage.read_json_if_exists(workspace.health(run_id)) if "check" in steps else None
+        if report and "health" not in record:
+            record["health"] = report
         workspace.append_history(record)
         print(f"error: {e}; the champion is unchanged", file=sys.stderr)
         return 1

@@ -2,8 +2,9 @@
 unchanged, instead of fetching, decoding and re-encoding it.
 
 A row is taken from the earlier dataset (`--reuse_dataset`) when
-- that dataset's images were made the way this run would make them (the same
-  `pipelines.images.fingerprint`: options, decoding bounds, code and library versions), and
+- that dataset's images were made and accepted the way this run would (the same `fingerprint`:
+  image options, decoding and download bounds, address and file permissions, code and library
+  versions), and
 - it holds an example with the row's id whose source (sources-*.jsonl) had the same resolved URI, and
 - with `--revalidate conditional`, a conditional request says the source did not change since
   (HTTP If-None-Match / If-Modified-Since -> 304; the same gs:// generation; the same local size and
@@ -21,6 +22,8 @@ are side inputs; no image bytes cross a shuffle.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Iterator, Mapping
@@ -29,6 +32,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 
 from pipelines import images
+from pipelines.fetch import FetchOptions
 from pipelines.outcomes import count
 from pipelines.shards import Encoded, ShardPlan, shard_key
 from tagbeam import dataset, storage
@@ -75,7 +79,21 @@ class Previous:
     compression: str
 
 
-def previous_dataset(options: ReuseOptions, output: str, image_options: images.ImageOptions) -> Previous | None:
+# Fetch options that decide whether a source is accepted at all: a run with other values might reject
+# (or admit) an image the earlier run admitted (or rejected), so their datasets are not interchangeable.
+_ACCEPTANCE = ("max_bytes", "max_redirects", "allow_loopback", "allow_link_local", "allow_local_files")
+
+
+def fingerprint(image_options: images.ImageOptions, fetch_options: FetchOptions) -> str:
+    """dataset.json's image_fingerprint: what makes a stored image from a source (pipelines.images.identity)
+    and what decides whether a source is accepted. A run reuses only a dataset whose fingerprint is its own."""
+    what = {"image": images.identity(image_options),
+            "fetch": {name: getattr(fetch_options, name) for name in _ACCEPTANCE}}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def previous_dataset(options: ReuseOptions, output: str, image_options: images.ImageOptions,
+                     fetch_options: FetchOptions) -> Previous | None:
     """The dataset of --reuse_dataset if this run can reuse it, else None (with a log line saying why:
     reuse is an optimisation, so a dataset made differently only means a full rebuild). Raises
     UsageError for a folder that is not a complete dataset, or that is --output itself."""
@@ -89,10 +107,11 @@ def previous_dataset(options: ReuseOptions, output: str, image_options: images.I
         info = dataset.read(folder)
     except dataset.DatasetError as err:
         raise UsageError(f"--reuse_dataset {folder}: {err}") from None
-    mine = images.fingerprint(image_options)
+    mine = fingerprint(image_options, fetch_options)
     if info.image_fingerprint != mine:
-        _LOG.warning("not reusing %s: its images were made differently (image fingerprint %r, this run's %r: "
-                     "image options, decoding bounds or image library versions differ); fetching every image",
+        _LOG.warning("not reusing %s: its images were made or accepted differently (image fingerprint %r, this "
+                     "run's %r: image options, decoding or download bounds, or image library versions differ); "
+                     "fetching every image",
                      folder, info.image_fingerprint, mine)
         return None
     sources = tuple(storage.match(dataset.sources_file_pattern(folder)))

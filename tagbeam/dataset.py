@@ -149,7 +149,8 @@ class Source(NamedTuple):
 
     @classmethod
     def from_json(cls, line: str) -> "Source":
-        return cls(**json.loads(line))
+        record = json.loads(line)  # keys a later version may add are left out
+        return cls(**{name: record[name] for name in cls._fields})
 
 
 def sources_file_pattern(folder: str) -> str:
@@ -210,10 +211,11 @@ class DatasetInfo:
     rejected_by_reason: Mapping[str, int] = dataclasses.field(default_factory=dict)
     rejected_files: tuple[str, ...] = ()
     unlabeled_policy: str = "reject"
-    # What makes the stored bytes of an image from its source bytes (pipelines.images.fingerprint):
-    # a later run may reuse this dataset's images only if its own is the same. "" (older datasets): never.
+    # What makes a stored image from a source and decides whether a source is accepted
+    # (pipelines.reuse.fingerprint): a later run reuses this dataset's images only if its own is the
+    # same. "" (older datasets): never.
     image_fingerprint: str = ""
-    rows_fetched: int = 0  # rows whose image was fetched (whatever happened next)
+    rows_fetched: int = 0  # rows whose image was requested and not found unchanged (whatever happened next)
     rows_reused: int = 0  # examples whose stored image came from `reused_from`, not fetched
     rows_revalidated: int = 0  # of those, confirmed unchanged by a conditional request
     reused_from: str = ""  # the dataset of --reuse_dataset, if any of it was reused

@@ -78,6 +78,7 @@ def test_a_second_run_extracts_only_the_images_it_has_not_seen(tiny_backbone, tm
                       for d in os.listdir(tmp_path / "m2" / "feature_cache") for kind in ("features", "labels")]
         fresh_arrays = [np.load(tmp_path / "m3" / "feature_cache" / d / f"{name}-{kind}.npy")
                         for d in os.listdir(tmp_path / "m3" / "feature_cache") for kind in ("features", "labels")]
+        assert len(from_store) == len(fresh_arrays) == 2
         for a, b in zip(from_store, fresh_arrays):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert json.load(open(tmp_path / "m2" / "metrics.json")) == json.load(open(tmp_path / "m3" / "metrics.json"))

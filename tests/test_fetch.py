@@ -364,4 +364,5 @@ def test_gs_rows_without_credentials_are_rejected_saying_what_to_do(tmp_path, mo
     monkeypatch.setenv("GCE_METADATA_IP", "127.0.0.1:9")
     results = fetch_many(["gs://bucket/a.jpg", "gs://bucket/b.jpg"], LOCAL)
     assert [r.reason for r in results] == ["no_credentials", "no_credentials"]
+    assert results[0] is results[1]  # looked for once, not once per row
     assert "GOOGLE_APPLICATION_CREDENTIALS" in results[0].detail

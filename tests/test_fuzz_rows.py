@@ -154,7 +154,8 @@ def test_csv_records_are_grouped_by_the_csv_modules_own_quoting_rules():
 
 
 def test_any_image_bytes_become_an_example_or_a_dead_letter_record(tmp_path, outbound_expected):
-    options = ExampleOptions(FetchOptions(), ImageOptions(size=16), 0.1, 0.1, keep_unlabeled=False)
+    options = ExampleOptions(FetchOptions(), ImageOptions(size=16), 0.1, 0.1, keep_unlabeled=False,
+                             revalidate="none")
 
     @FUZZ
     @given(blobs=st.lists(IMAGES, min_size=1, max_size=4), uris=st.lists(URIS, max_size=2))

@@ -15,7 +15,8 @@ from PIL import Image
 from pipelines import preprocess
 from tagbeam.dataset import Source
 
-ROWS = 30
+# Above the shard plan's 32-row size sample, so rows take both paths: the plan's and EncodeRows'.
+ROWS = 60
 COMMON = ["--allow_loopback", "--fetch_timeout_s", "2", "--fetch_retries", "0", "--image_size", "32",
           "--id_column", "key", "--val_fraction", "0.2", "--test_fraction", "0.2", "--target_shard_mb", "0.01"]
 
@@ -146,6 +147,10 @@ def test_a_dataset_made_differently_is_not_reused(nights, caplog):
                 "--reuse_dataset", str(tmp / "night1")])
     assert info["rows_reused"] == 0 and len(nights["server"].answers) - before == ROWS
     assert "not reusing" in caplog.text and "image fingerprint" in caplog.text
+    # A download bound decides which sources are accepted: a run with another one rebuilds too.
+    info = run(["--input", str(tmp / "night2.csv"), "--output", str(tmp / "bounded"), *COMMON,
+                "--max_download_bytes", "1500", "--reuse_dataset", str(tmp / "night1")])
+    assert info["rows_reused"] == 0 and info["rejected_by_reason"].get("fetch:too_large", 0) > 0
     with pytest.raises(Exception, match="is --output"):
         run(["--input", str(tmp / "night2.csv"), "--output", str(tmp / "night1"), *COMMON, "--overwrite",
              "--reuse_dataset", str(tmp / "night1")])
