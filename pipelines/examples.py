@@ -19,7 +19,7 @@ import apache_beam as beam
 from pipelines import fetch, images
 from pipelines.manifests import Row
 from pipelines.outcomes import count, reject_row, rejected
-from pipelines.reuse import Reused
+from pipelines.reuse import SOURCES_TAG, TALLIES_TAG, Reused
 from pipelines.shards import Encoded, ShardPlan, plan_shard_counts, shard_key
 from pipelines.splits import split_of
 from tagbeam.dataset import Rejection, Source, unexpected
@@ -40,8 +40,6 @@ class ExampleOptions:
 
 
 REUSED_TAG = "reused"
-SOURCES_TAG = "sources"
-TALLIES_TAG = "tallies"
 
 
 def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int) -> bytes:
@@ -118,7 +116,7 @@ def _encode(row: Row, label_ids: tuple[int, ...], fetched: fetch.Fetched | fetch
     if fetched.data is None:  # a conditional fetch found the source unchanged
         assert previous is not None
         count("rows_revalidated")
-        return Reused(split, row.id, label_ids, previous._replace(validators=fetched.validators), True)
+        return Reused(split, row.id, label_ids, previous._replace(validators=fetched.validators), True, row)
     data = fetched.data
     count("images_fetched")
     count("bytes_fetched", len(data))
@@ -149,7 +147,8 @@ def encode_rows(rows: Sequence[Row], labels: Sequence[str], opts: ExampleOptions
         if before is not None and before.uri != row.uri:
             before = None  # the row points elsewhere now: a new image
         if before is not None and opts.revalidate == "none":
-            results[i] = Reused(split_of(row.id, opts.val_fraction, opts.test_fraction), row.id, ids, before, False)
+            results[i] = Reused(split_of(row.id, opts.val_fraction, opts.test_fraction), row.id, ids, before, False,
+                                row)
             continue
         wanted.append((i, ids, before))
     fetched = fetch_rows([rows[i] for i, _, _ in wanted], opts.fetch,
@@ -213,11 +212,10 @@ class EncodeRows(beam.DoFn):
                 self._progress()
                 yield beam.pvalue.TaggedOutput(SOURCES_TAG, result.source)
                 yield shard_key(result, plan.num_shards)
-            elif isinstance(result, Reused):
+            elif isinstance(result, Reused):  # its source is written once its example is found
                 reused += 1
                 revalidated += result.revalidated
                 count("rows_reused")
-                yield beam.pvalue.TaggedOutput(SOURCES_TAG, result.source)
                 yield beam.pvalue.TaggedOutput(REUSED_TAG, result)
             else:
                 fetched += result.stage in ("fetch", "decode")

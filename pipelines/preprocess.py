@@ -159,12 +159,16 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
                | "EncodeRows" >> beam.ParDo(EncodeRows(example_options), beam.pvalue.AsSingleton(plan), known
                                             ).with_outputs(REJECTED_TAG, REUSED_TAG, SOURCES_TAG, TALLIES_TAG,
                                                            main="rows"))
-    rebuilt = encoded[REUSED_TAG] | "ReusedExamples" >> reuse.ReusedExamples(previous, plan)
+    rebuilt, rebuilt_sources, lost, corrections = (encoded[REUSED_TAG]
+                                                   | "ReusedExamples" >> reuse.ReusedExamples(previous, plan))
     shards = ((encoded.rows, rebuilt) | "ToShards" >> beam.Flatten()
               | "WriteShards" >> WriteShards(output, plan, splits.shard_compression))
-    rejected_files = (parsed.rejected, unique.rejected, encoded.rejected) | "DeadLetter" >> WriteRejected(output)
-    sources_files = encoded[SOURCES_TAG] | "Sources" >> WriteSources(output)
-    tallies = encoded[TALLIES_TAG] | "Tallies" >> beam.CombineGlobally(dataset_info.add_tallies)
+    rejected_files = ((parsed.rejected, unique.rejected, encoded.rejected, lost)
+                      | "DeadLetter" >> WriteRejected(output))
+    sources_files = ((encoded[SOURCES_TAG], rebuilt_sources) | "AllSources" >> beam.Flatten()
+                     | "Sources" >> WriteSources(output))
+    tallies = ((encoded[TALLIES_TAG], corrections) | "AllTallies" >> beam.Flatten()
+               | "Tallies" >> beam.CombineGlobally(dataset_info.add_tallies))
     record = dataset_info.ReuseRecord(reuse.fingerprint(job.image, job.fetch), previous.data_dir if previous else "")
     _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files, "tallies": tallies,
           "sources_files": sources_files}

@@ -33,13 +33,16 @@ import apache_beam as beam
 
 from pipelines import images
 from pipelines.fetch import FetchOptions
-from pipelines.outcomes import count
+from pipelines.manifests import Row
+from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected
 from pipelines.shards import Encoded, ShardPlan, shard_key
 from tagbeam import dataset, storage
 from tagbeam.dataset import Source
 from tagbeam.flags import UsageError, check_fields, option
 
 _LOG = logging.getLogger(__name__)
+SOURCES_TAG = "sources"  # where each example's Source leaves EncodeRows and the rebuild
+TALLIES_TAG = "tallies"  # (rows fetched, reused, revalidated) per batch, summed into dataset.json
 REVALIDATE_POLICIES = ("none", "conditional")
 
 
@@ -67,6 +70,7 @@ class Reused(NamedTuple):
     label_ids: tuple[int, ...]
     source: Source  # as recorded before, with the validators of a revalidation if there was one
     revalidated: bool
+    row: Row  # for its dead-letter record, should the earlier dataset have lost the example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,27 +168,48 @@ def _rebuild(record: bytes, reused: Mapping[str, Reused], plan: ShardPlan) -> It
         return
     image = features[dataset.FEATURE_IMAGE].bytes_list.value[0]
     count("images_reused")
+    yield beam.pvalue.TaggedOutput(SOURCES_TAG, row.source)
     yield shard_key(Encoded(row.split, id_, to_example(id_, image, row.label_ids, len(plan.labels)), row.label_ids),
                     plan.num_shards)
 
 
+def _unmatched(item: tuple[str, dict[str, list]]) -> Iterator[Any]:
+    _, found = item
+    for reused in found["reused"]:
+        if not found["rebuilt"]:
+            # EncodeRows counted it as reused; it is not an example after all.
+            yield beam.pvalue.TaggedOutput(TALLIES_TAG, (0, -1, -int(reused.revalidated)))
+            yield rejected(reject_row(reused.row, "fetch", "reuse_missing",
+                                      "the earlier dataset (--reuse_dataset) no longer holds this row's example "
+                                      "(changed while the run read it?); rerun, or pass --full_rebuild"))
+
+
 class ReusedExamples(beam.PTransform):
     """Streams the earlier dataset's shards once and rebuilds each example decided reused, keyed for
-    `WriteShards`. Input: the `Reused` records; side input: the ShardPlan."""
+    `WriteShards`, with its Source for sources-*.jsonl; a reused row whose example the shards do not hold (a dataset changed
+    or pruned while the run read it) becomes a dead-letter record on `rejected` instead of a row lost.
+    Input: the `Reused` records; side input: the ShardPlan. Only ids cross the check's shuffle.
+    Returns (keyed examples, sources, dead-letter records, tally corrections)."""
 
     def __init__(self, previous: Previous | None, plan: beam.PCollection) -> None:
         super().__init__()
         self._previous = previous
         self._plan = plan
 
-    def expand(self, reused: beam.PCollection) -> beam.PCollection:
+    def expand(self, reused: beam.PCollection) -> beam.pvalue.DoOutputsTuple:
         from apache_beam.io.filesystem import CompressionTypes
 
         files = list(self._previous.shard_files) if self._previous else []
         compression = CompressionTypes.GZIP if self._previous and self._previous.compression == "gzip" \
             else CompressionTypes.UNCOMPRESSED
-        return (reused.pipeline
-                | "ShardFiles" >> beam.Create(files)
-                | "ReadShards" >> beam.io.ReadAllFromTFRecord(compression_type=compression)
-                | "Rebuild" >> beam.FlatMap(_rebuild, beam.pvalue.AsDict(reused | "ById" >> beam.Map(lambda r: (r.id, r))),
-                                            beam.pvalue.AsSingleton(self._plan)))
+        by_id = reused | "ById" >> beam.Map(lambda r: (r.id, r))
+        rebuilt = (reused.pipeline
+                   | "ShardFiles" >> beam.Create(files)
+                   | "ReadShards" >> beam.io.ReadAllFromTFRecord(compression_type=compression)
+                   | "Rebuild" >> beam.FlatMap(_rebuild, beam.pvalue.AsDict(by_id), beam.pvalue.AsSingleton(self._plan)
+                                                ).with_outputs(SOURCES_TAG, main="examples"))
+        lost = ({"reused": by_id,
+                 "rebuilt": rebuilt.examples | "RebuiltIds" >> beam.Map(lambda keyed: (keyed[1][0], None))}
+                | "Match" >> beam.CoGroupByKey()
+                | "Unmatched" >> beam.FlatMap(_unmatched).with_outputs(REJECTED_TAG, TALLIES_TAG, main="none"))
+        return rebuilt.examples, rebuilt[SOURCES_TAG], lost[REJECTED_TAG], lost[TALLIES_TAG]

@@ -155,3 +155,27 @@ def test_a_dataset_made_differently_is_not_reused(nights, caplog):
         run(["--input", str(tmp / "night2.csv"), "--output", str(tmp / "night1"), *COMMON, "--overwrite",
              "--reuse_dataset", str(tmp / "night1")])
     assert json.loads((tmp / "night1" / "dataset.json").read_text())["input_rows"] == ROWS
+
+
+def test_a_reused_row_the_earlier_shards_lost_is_recorded_not_lost(nights):
+    import shutil
+
+    import tensorflow as tf
+
+    tmp = nights["tmp"]
+    tampered = tmp / "tampered"
+    shutil.copytree(tmp / "night1", tampered)
+    info = json.loads((tampered / "dataset.json").read_text())
+    shard = tampered / info["splits"]["train"]["files"][0]
+    records = [r.numpy() for r in tf.data.TFRecordDataset(str(shard))]
+    ids = [tf.train.Example.FromString(r).features.feature["id"].bytes_list.value[0].decode() for r in records]
+    dropped = next(i for i in ids if i not in ("k00", "k01", "k02"))  # a row night 2 still has
+    with tf.io.TFRecordWriter(str(shard)) as writer:  # what a dataset changed under a running job looks like
+        for id_, record in zip(ids, records):
+            if id_ != dropped:
+                writer.write(record)
+    out = run(["--input", str(tmp / "night2.csv"), "--output", str(tmp / "after_tampering"), *COMMON,
+               "--reuse_dataset", str(tampered)])
+    assert out["rejected_by_reason"] == {"fetch:reuse_missing": 1} and out["rows_reused"] == ROWS - 4
+    assert out["input_rows"] == out["rejected"] + sum(s["examples"] for s in out["splits"].values())
+    assert dropped not in {s.id for s in sources(str(tmp / "after_tampering"))}
