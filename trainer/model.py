@@ -252,18 +252,37 @@ class BatchRunner:
     aligned with the labels that travelled with them. A short last batch is padded only to a
     multiple of the replica count (so every replica gets the same number of rows) and the padding
     dropped afterwards: padding it to the global batch would push up to a whole batch of blank
-    images through the backbone per split. The step is traced for a dynamic batch dimension.
+    images through the backbone per split.
+
+    The step is traced once per element spec, with a dynamic batch dimension, and reused for
+    every split (no retracing for each split's short last batch). With one replica there is
+    nothing to distribute and the step runs on plain batches; with several, the loop counts the
+    batches instead of running the distributed iterator to its end, which is where the per-split
+    stall was (after the last batch was back, 58 s on the 1,603-image train split and several
+    seconds per 200-image split, 1 replica at 384 px, benchmarks/README.md).
     """
 
     def __init__(self, strategy: tf.distribute.Strategy, fn: Callable[[tf.Tensor], tf.Tensor]) -> None:
         self._strategy = strategy
+        self._fn = fn
         self._replicas = strategy.num_replicas_in_sync
+        # Across workers every worker has as many local replicas as it has devices, but the
+        # replicas in sync count them all.
+        self._distributed = self._replicas > 1
+        self._step = None
+        self._spec = None
 
-        @tf.function(reduce_retracing=True)
-        def step(inputs: tf.Tensor, labels: tf.Tensor, real: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            return strategy.run(lambda x, y, r: (fn(x), y, r), args=(inputs, labels, real))
-
-        self._step = step
+    def _step_for(self, spec: tuple) -> Callable:
+        if self._step is None or spec != self._spec:
+            strategy, fn = self._strategy, self._fn
+            if self._distributed:
+                def step(inputs, labels, real):
+                    return strategy.run(lambda x, y, r: (fn(x), y, r), args=(inputs, labels, real))
+            else:
+                def step(inputs, labels, real):
+                    return fn(inputs), labels, real
+            self._step, self._spec = tf.function(step, input_signature=list(spec)), spec
+        return self._step
 
     def __call__(self, dataset: tf.data.Dataset, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
         def pad(inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
@@ -272,13 +291,26 @@ class BatchRunner:
             real = tf.range(rows) < count
             return _pad_rows(inputs, rows), _pad_rows(labels, rows), real
 
-        local = self._strategy.experimental_local_results
+        dataset = dataset.map(pad)
+        batches = int(dataset.cardinality())
+        if batches < 0:
+            raise ValueError("BatchRunner needs a dataset of known cardinality (trainer.data batches have one)")
+        if self._distributed:
+            dataset = self._strategy.experimental_distribute_dataset(dataset)
+            local = self._strategy.experimental_local_results
+        else:
+            local = lambda values: (values,)  # noqa: E731
+        step = self._step_for(dataset.element_spec)
         outputs, labels, real = [], [], []
-        for batch in self._strategy.experimental_distribute_dataset(dataset.map(pad)):
-            for results, values in zip((outputs, labels, real), self._step(*batch)):
+        iterator = iter(dataset)
+        # A counted loop, never asking for the element after the last: reaching the end of a
+        # distributed iterator stalled for 10-60 s per split (measured on 1 replica at 384 px).
+        for _ in range(batches):
+            batch = next(iterator)
+            for results, values in zip((outputs, labels, real), step(*batch)):
                 results.extend(t.numpy() for t in local(values))
             if progress:
-                progress.update(int(sum(r.sum() for r in real[-self._replicas:])))
+                progress.update(int(sum(r.sum() for r in real[-len(local(batch[2])):])))
         if not outputs:
             raise ValueError("BatchRunner got an empty dataset")
         keep = np.concatenate(real)
