@@ -97,6 +97,15 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
     if options.seed is not None:
         tf_keras.utils.set_random_seed(options.seed)
     handle = options.hub_handle or embedded_backbone.default_handle()
+    gpus = model_lib.gpu_count()
+    if options.device_jit_compile(gpus) and not gpus and strategy.num_replicas_in_sync > 1:
+        # Every logical CPU is the same XLA device, and the replicas' variables sit on different ones.
+        raise UsageError("--jit_compile on: XLA cannot run MirroredStrategy over logical CPU devices (a replica's "
+                         "compiled step would reach into another device's variables); use it with GPUs or one replica")
+    precision = options.device_precision(gpus)
+    model_lib.set_precision(precision)
+    log.info("precision %s, XLA %s, extraction batch %d per replica (%d GPU(s))", precision,
+             "on" if options.device_jit_compile(gpus) else "off", options.device_extraction_batch(gpus), gpus)
     with strategy.scope():
         backbone = model_lib.load_backbone(handle, trainable=options.fine_tune_layers > 0)
     model_lib.check_image_size(backbone, info.image_size)

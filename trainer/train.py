@@ -33,7 +33,6 @@ from trainer.metrics import training_metrics
 
 log = logging.getLogger(__name__)
 
-EXTRACTION_BATCH_SIZE = 32  # per replica; bounds the backbone's activation memory during feature extraction
 # On cached features an epoch takes about 0.1 s and a backup about 20 ms: backing up every epoch
 # cost a fifth of the fit. A kill loses at most this much training.
 CACHED_BACKUP_INTERVAL_S = 5.0
@@ -178,13 +177,19 @@ def read_history(path: str) -> dict[str, list[float]]:
     return history
 
 
+def extraction_batch(strategy: tf.distribute.Strategy, options: TrainOptions) -> int:
+    """The global batch of a pass through the backbone that does not train (extraction, prediction):
+    its size follows the device's memory, not the training batch."""
+    return options.device_extraction_batch(model_lib.gpu_count()) * strategy.num_replicas_in_sync
+
+
 def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
-                      cache: FeatureCache, batch_size: int, timings: dict[str, float]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                      cache: FeatureCache, options: TrainOptions, timings: dict[str, float]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     features = {}
     images, seconds = 0, 0.0
-    extract = model_lib.BatchRunner(strategy, backbone.features)
-    # Activation memory grows with batch x pixels, and the head's batch size says nothing about it.
-    batch_size = min(batch_size, EXTRACTION_BATCH_SIZE * strategy.num_replicas_in_sync)
+    extract = model_lib.BatchRunner(strategy, backbone.features, options.device_jit_compile(model_lib.gpu_count()))
+    batch_size = extraction_batch(strategy, options)
     for split in SPLITS:
         if info.split(split).examples == 0:
             continue
@@ -264,7 +269,7 @@ def prepare_inputs(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone
     has_val = info.split("val").examples > 0
     if cached:
         features = _extract_features(strategy, info, backbone, FeatureCache(dirs.feature_cache, info, backbone),
-                                     options.batch_size, timings)
+                                     options, timings)
         return Inputs(features,
                       data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
                       data.feature_dataset(*features["val"], options.batch_size) if has_val else None)
@@ -284,12 +289,13 @@ def warm_start_head(strategy: tf.distribute.Strategy, info: DatasetInfo, backbon
     it from the feature cache, unless the fine-tuning stage has a backup (which holds the head).
     """
     cache = FeatureCache(dirs.feature_cache, info, backbone)
-    features = _extract_features(strategy, info, backbone, cache, options.batch_size, timings)
+    features = _extract_features(strategy, info, backbone, cache, options, timings)
     monitor = "val_loss" if "val" in features else "loss"
     patience = options.early_stopping_patience or DEFAULT_PATIENCE[CACHED]
     with strategy.scope():
         head.compile(optimizer=tf_keras.optimizers.Adam(options.learning_rate),
-                     loss=get_loss(options.loss, _pos_weight(info, options)))
+                     loss=get_loss(options.loss, _pos_weight(info, options)),
+                     jit_compile=options.device_jit_compile(model_lib.gpu_count()))
     start = time.perf_counter()
     history = head.fit(
         data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
@@ -334,6 +340,7 @@ def compile_fit_model(strategy: tf.distribute.Strategy, info: DatasetInfo, backb
             optimizer=tf_keras.optimizers.Adam(options.learning_rate),
             loss=get_loss(options.loss, _pos_weight(info, options)),
             metrics=training_metrics(info.num_labels),
+            jit_compile=options.device_jit_compile(model_lib.gpu_count()),
         )
     return fit_model
 
@@ -385,14 +392,14 @@ def train(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_l
 
     # On the cached path the head on cached features computes what full_model computes on the images.
     probabilities = model_lib.BatchRunner(
-        head_strategy(strategy, cached), lambda x: tf.sigmoid((head if cached else full_model)(x, training=False))
-    )
+        head_strategy(strategy, cached), lambda x: tf.sigmoid((head if cached else full_model)(x, training=False)),
+        options.device_jit_compile(model_lib.gpu_count()))
 
     def predict(split: str) -> tuple[np.ndarray, np.ndarray] | None:
         if info.split(split).examples == 0:
             return None
         if cached:
             return probabilities(data.feature_dataset(*inputs.features[split], options.batch_size))
-        return probabilities(data.image_dataset(info, split, options.batch_size))
+        return probabilities(data.image_dataset(info, split, extraction_batch(strategy, options)))
 
     return TrainResult(full_model, path, read_history(dirs.history_csv), initial_epoch, timings, predict)
