@@ -403,7 +403,7 @@ class BatchRunner:
         def pad(inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             count = tf.shape(inputs)[0]
             rows = -(-count // self._replicas) * self._replicas
-            real = tf.range(rows) < count
+            real = tf.cast(tf.range(rows) < count, tf.int32)  # collective all-gather takes no bool
             return _pad_rows(inputs, rows), _pad_rows(labels, rows), real
 
         dataset = dataset.map(pad)
@@ -424,5 +424,5 @@ class BatchRunner:
                 progress.update(int(real[-1].sum()))
         if not outputs:
             raise ValueError("BatchRunner got an empty dataset")
-        keep = np.concatenate(real)
+        keep = np.concatenate(real).astype(bool)
         return np.concatenate(outputs)[keep], np.concatenate(labels)[keep]
