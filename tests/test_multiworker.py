@@ -10,7 +10,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset

@@ -171,8 +171,6 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
     must fix. `flag_record`: the flags as given (run.json's "flags"); default: the options' values."""
     start = time.perf_counter()
     # Imports run no TensorFlow op, so the CPU can still be split in load_inputs.
-    import tensorflow as tf
-
     from trainer.train import OutputDirs
 
     from trainer.config import CACHED
