@@ -69,7 +69,7 @@ FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
              quality_posters=5_000, default_epochs=None, tutorial_epochs=30,
              fine_tune_layers=30, fine_tune_epochs=8, fine_tune_batch_size=64,
              serving_single_calls=200, serving_batch_calls=20,
-             overhead_posters=5_000, gpu_images=512, gpu_fine_tune_steps=6)
+             overhead_posters=5_000, gpu_images=256, gpu_fine_tune_steps=3)
 QUICK = Sizes(sample_posters=300, sample_heldout=64,
               throughput_images=200, throughput_small=40, memory_n=20, input_passes=1, input_epochs=1,
               input_sets=("posters", "chips"),
