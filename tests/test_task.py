@@ -300,3 +300,21 @@ def test_mixed_precision_fine_tunes_on_cpu_and_exports_float32(precision, tiny_b
     probabilities = serve(image_bytes=tf.constant(payload))["probabilities"]
     assert probabilities.dtype == tf.float32 and probabilities.shape == (4, len(LABELS))
     assert np.all(np.isfinite(probabilities.numpy()))
+
+
+def test_xla_trains_and_serves_on_one_cpu_replica_and_is_refused_on_several(tiny_backbone, small_dataset, tmp_path) -> None:
+    # A fresh process: one replica (no CPU split). Warm start (XLA extraction and head fit) and
+    # fine-tuning (XLA train step through the backbone).
+    model_dir = str(tmp_path / "model")
+    command = [sys.executable, "-m", "trainer.task", "--data_dir", small_dataset, "--hub_handle", tiny_backbone,
+               "--seed", "3", "--jit_compile", "on", "--fine_tune_layers", "2", "--epochs", "2",
+               "--warm_start_epochs", "2", "--batch_size", "16"]
+    done = subprocess.run([*command, "--model_dir", model_dir], cwd=REPO, env=_subprocess_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "XLA on" in done.stderr and os.path.exists(os.path.join(model_dir, "metrics.json"))
+    refused = subprocess.run([*command, "--model_dir", str(tmp_path / "m2"), "--cpu_replicas", "2"], cwd=REPO,
+                             env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "--jit_compile on: XLA cannot run MirroredStrategy over logical CPU devices" in line
