@@ -18,9 +18,9 @@ FEATURE_CACHE_MODES = ("auto", "off")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 SWITCHES = ("auto", "on", "off")
 # Per replica, when --extraction_batch_size is not given. On CPU it bounds the activation memory
-# of a forward pass (MobileNetV2 at 384 px: about 40 MB per image); a GPU needs larger batches to
-# be busy, and 128 images at 384 px fit in 16 GB with room to spare (paper estimate, see
-# benchmarks/README.md: no GPU has run this code).
+# of a forward pass (the whole trainer peaked at 2.0 GB RSS at 32 images of 384 px); a GPU needs
+# larger batches to be busy, and 128 images at 384 px should fit in 16 GB with room to spare (an
+# estimate: no GPU has run this code, benchmarks/README.md).
 DEFAULT_EXTRACTION_BATCH = {"CPU": 32, "GPU": 128}
 # Maximum epochs when --epochs is not given. Early stopping ends training on either path; on
 # cached features an epoch costs well under a second and a linear head on a few thousand examples

@@ -33,8 +33,9 @@ from trainer.metrics import training_metrics
 
 log = logging.getLogger(__name__)
 
-# On cached features an epoch takes about 0.1 s and a backup about 20 ms: backing up every epoch
-# cost a fifth of the fit. A kill loses at most this much training.
+# On cached features an epoch takes 0.1-0.2 s and a backup about 20 ms (benchmarks/README.md,
+# section 8): backing up every epoch cost 10-50 % of the fit in two measurements. A kill loses at
+# most this much training.
 CACHED_BACKUP_INTERVAL_S = 5.0
 
 
