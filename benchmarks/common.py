@@ -58,6 +58,9 @@ class Sizes:
     batch_size: int  # trainer runs (256 = the trainer's default and the tutorial's)
     default_epochs: int | None  # --epochs of the default recipe; None = the trainer's default
     nights_posters: int  # night 1 of the retraining benchmark (night 2 adds 10 %)
+    overhead_posters: int  # dataset of the trainer-overhead comparison (trainer vs bare backbone pass)
+    gpu_images: int  # images per contender in the GPU benchmark
+    gpu_fine_tune_steps: int  # timed fine-tuning steps per contender in the GPU benchmark
 
 
 FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
@@ -66,14 +69,16 @@ FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
              train_posters=500, train_epochs=30, batch_size=256,
              quality_posters=5_000, default_epochs=None, tutorial_epochs=30,
              fine_tune_layers=30, fine_tune_epochs=8, fine_tune_batch_size=64,
-             serving_single_calls=200, serving_batch_calls=20, nights_posters=2_000)
+             serving_single_calls=200, serving_batch_calls=20, nights_posters=2_000,
+             overhead_posters=5_000, gpu_images=256, gpu_fine_tune_steps=3)
 QUICK = Sizes(sample_posters=300, sample_heldout=64,
               throughput_images=200, throughput_small=40, memory_n=20, input_passes=1, input_epochs=1,
               input_sets=("posters", "chips"),
               train_posters=200, train_epochs=1, batch_size=32,
               quality_posters=200, default_epochs=2, tutorial_epochs=2,
               fine_tune_layers=0, fine_tune_epochs=0, fine_tune_batch_size=0,
-              serving_single_calls=10, serving_batch_calls=2, nights_posters=200)
+              serving_single_calls=10, serving_batch_calls=2, nights_posters=200,
+              overhead_posters=200, gpu_images=64, gpu_fine_tune_steps=2)
 
 
 class BenchmarkError(RuntimeError):

@@ -44,7 +44,7 @@ SHELL_LIKE = ["scripts/demo.sh", *sorted(str(p.relative_to(REPO)) for p in DEPLO
               "deploy/cron/tagbeam-retrain.cron", "deploy/systemd/tagbeam-retrain.service"]
 MARKDOWN = ["README.md", "deploy/README.md"]
 DOCKERFILES = ["deploy/trainer.Dockerfile", "deploy/dataflow.Dockerfile"]
-VERTEX_JOBS = ["deploy/vertex/trainer_job.yaml"]
+VERTEX_JOBS = ["deploy/vertex/trainer_job.yaml", "deploy/vertex/trainer_multiworker_job.yaml"]
 TEST_IMAGE = "us-central1-docker.pkg.dev/test-project/tagbeam/trainer:test"
 
 
@@ -430,6 +430,30 @@ def test_vertex_job_is_one_multi_gpu_machine_whose_args_the_trainer_accepts(monk
     assert parsed.model_dir == "gs://bucket/run/model/" and parsed.data_dir.startswith("gs://")
 
 
+def test_multiworker_job_runs_one_command_on_every_worker_and_names_one_chief(monkeypatch):
+    from trainer import model as model_lib, task
+
+    spec = yaml.safe_load((DEPLOY / "vertex/trainer_multiworker_job.yaml").read_text())
+    chief, workers = spec["workerPoolSpecs"]
+    assert chief["replicaCount"] == 1 and workers["replicaCount"] >= 1
+    assert chief["machineSpec"] == workers["machineSpec"] and chief["containerSpec"] == workers["containerSpec"]
+    monkeypatch.setenv("AIP_MODEL_DIR", "gs://bucket/run/model/")
+    args = [re.sub(r"\$\{\w+\}", "x", arg) for arg in chief["containerSpec"]["args"]]
+    task.parse_args(args)
+    # What Vertex AI sets on each machine of this spec: every one finds the same cluster, and
+    # exactly one of them is the chief.
+    hosts = {"workerpool0": ["chief-0:2222"], "workerpool1": [f"worker-{i}:2222" for i in range(workers["replicaCount"])]}
+    found = []
+    for pool, count in (("workerpool0", 1), ("workerpool1", workers["replicaCount"])):
+        for index in range(count):
+            environ = {"CLUSTER_SPEC": json.dumps({"cluster": hosts, "task": {"type": pool, "index": index}})}
+            found.append(model_lib.cluster_from_env(environ))
+            assert json.loads(environ["TF_CONFIG"])["cluster"]["chief"] == ["chief-0:2222"]
+    assert {c.workers for c in found} == {1 + workers["replicaCount"]}
+    assert [c.is_chief for c in found] == [True] + [False] * workers["replicaCount"]
+    assert model_lib.cluster_from_env({"TF_CONFIG": json.dumps({"cluster": {"worker": ["a:1"]}})}) is None
+
+
 def test_shell_scripts_parse():
     for script in [REPO / "scripts/demo.sh", *DEPLOY.rglob("*.sh")]:
         result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -539,7 +563,10 @@ def test_schedules_and_job_specs_do_not_restate_defaults(monkeypatch):
     monkeypatch.setenv("AIP_MODEL_DIR", "gs://bucket/run/model/")
     (pool,) = yaml.safe_load((DEPLOY / "vertex/trainer_job.yaml").read_text())["workerPoolSpecs"]
     vertex = [re.sub(r"\$\{\w+\}", "x", arg) for arg in pool["containerSpec"]["args"]]
+    chief, _ = yaml.safe_load((DEPLOY / "vertex/trainer_multiworker_job.yaml").read_text())["workerPoolSpecs"]
+    multiworker = [re.sub(r"\$\{\w+\}", "x", arg) for arg in chief["containerSpec"]["args"]]
     problems = {
+        "vertex multi-worker": _restated_defaults(task.build_parser(), multiworker),
         "cron": _restated_defaults(retrain.build_parser(), _argv_after_module(cron, "pipelines.retrain")),
         "systemd": _restated_defaults(retrain.build_parser(), _argv_after_module(service, "pipelines.retrain")),
         "vertex": _restated_defaults(task.build_parser(), vertex),

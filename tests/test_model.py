@@ -37,6 +37,40 @@ def test_strategy_accepts_an_already_split_cpu(strategy, caplog) -> None:
     assert "already split into 2 logical devices" in caplog.text
 
 
+def test_gpus_get_nccl_all_reduce_mixed_precision_xla_and_larger_extraction_batches(monkeypatch) -> None:
+    # No GPU here: only the device list is faked, to check what the trainer asks TensorFlow for.
+    import json
+
+    from trainer.config import TrainOptions
+
+    listed = tf.config.list_physical_devices
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: ["gpu0", "gpu1"] if kind == "GPU" else listed(kind))
+    made = {}
+    monkeypatch.setattr(tf.distribute, "MirroredStrategy", lambda **kwargs: made.setdefault("mirrored", kwargs))
+    monkeypatch.setattr(tf.distribute, "MultiWorkerMirroredStrategy",
+                        lambda **kwargs: made.setdefault("multi_worker", kwargs))
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    monkeypatch.delenv("CLUSTER_SPEC", raising=False)
+    model_lib.setup_strategy(1)
+    assert isinstance(made["mirrored"]["cross_device_ops"], tf.distribute.NcclAllReduce)
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["a:1", "b:1"]}, "task": {"type": "worker", "index": 1}}))
+    model_lib.setup_strategy(1)
+    implementation = made["multi_worker"]["communication_options"].implementation
+    assert implementation == tf.distribute.experimental.CommunicationImplementation.NCCL
+
+    options = TrainOptions()
+    gpus = model_lib.gpu_count()
+    assert gpus == 2
+    assert (options.device_precision(gpus), options.device_jit_compile(gpus), options.device_extraction_batch(gpus)) \
+        == ("mixed_float16", True, 128)
+    assert (options.device_precision(0), options.device_jit_compile(0), options.device_extraction_batch(0)) \
+        == ("float32", False, 32)
+    chosen = TrainOptions(precision="mixed_bfloat16", jit_compile="off", extraction_batch_size=48)
+    assert (chosen.device_precision(gpus), chosen.device_jit_compile(gpus), chosen.device_extraction_batch(gpus)) \
+        == ("mixed_bfloat16", False, 48)
+
+
 def test_fixed_size_backbone_refuses_other_image_sizes(strategy, tmp_path) -> None:
     path = write_backbone(str(tmp_path / "fixed32"), input_size=32)
     with strategy.scope():

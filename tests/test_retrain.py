@@ -283,9 +283,9 @@ def test_every_training_option_reaches_the_challenger_through_retrain(manifest, 
         "a": {"hub_handle": embedded_backbone.default_handle(), "epochs": 1, "batch_size": 16,
               "learning_rate": 0.002, "hidden_units": 8, "dropout": 0.1, "positive_weights": True, "beta": 2.0,
               "seed": 5, "fine_tune_layers": 2, "fine_tune_learning_rate": 0.0002, "warm_start_epochs": 2,
-              "augment": "flip", "cpu_replicas": 2, "early_stopping_patience": 3},
+              "augment": "flip", "cpu_replicas": 2, "early_stopping_patience": 3, "extraction_batch_size": 8},
         "b": {"loss": "soft_f1", "feature_cache": "off", "epochs": 1, "batch_size": 32, "seed": 1,
-              "feature_store": str(tmp_path / "elsewhere")},
+              "precision": "float32", "jit_compile": "off", "feature_store": str(tmp_path / "elsewhere")},
     }
     options = {o.flag: o for o in declared(TrainOptions)}
     assert set(runs["a"]) | set(runs["b"]) == set(options), "a new training option must be added to this test"

@@ -268,3 +268,53 @@ def test_a_corrupt_shard_is_named_with_what_to_do(tiny_backbone, tmp_path, capsy
     assert code == 2, err
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"corrupt shard(s) ({shard})" in line and "rerun `python -m pipelines.preprocess`" in line
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_fine_tunes_on_cpu_and_exports_float32(precision, tiny_backbone, small_dataset, tmp_path) -> None:
+    import tf_keras
+
+    model_dir = str(tmp_path / "model")
+    try:
+        # A hidden layer (16-bit under the policy) and fine-tuning: the warm start on cached features,
+        # then backbone + head with both optimizers, loss-scaled under mixed_float16.
+        outcome = task.run(*task.parse_args([
+            "--data_dir", small_dataset, "--model_dir", model_dir, "--hub_handle", tiny_backbone, "--seed", "3",
+            "--precision", precision, "--hidden_units", "8", "--fine_tune_layers", "2", "--epochs", "2",
+            "--warm_start_epochs", "3", "--batch_size", "16", "--learning_rate", "0.01",
+        ]))
+        model = outcome.result.model
+        assert tf_keras.mixed_precision.global_policy().name == precision
+        hidden = model.get_layer("head").get_layer("hidden")
+        assert hidden.compute_dtype == precision.split("_")[1] and hidden.kernel.dtype == tf.float32
+        scaled = isinstance(model.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
+        assert scaled == (precision == "mixed_float16")
+    finally:
+        model_lib.set_precision("float32")  # the policy is global: later tests build float32 models
+    history = json.load(open(os.path.join(model_dir, "history.json")))
+    assert len(history["loss"]) == 2 and all(np.isfinite(history["loss"]))
+    assert outcome.metrics is not None and 0.0 <= outcome.metrics["at_tuned"]["macro_f1"] <= 1.0
+    serve = tf.saved_model.load(outcome.export_path).signatures["serving_default"]
+    assert serve.structured_outputs["probabilities"].dtype == tf.float32
+    payload = _test_image_bytes(dataset.read(small_dataset), 4)
+    probabilities = serve(image_bytes=tf.constant(payload))["probabilities"]
+    assert probabilities.dtype == tf.float32 and probabilities.shape == (4, len(LABELS))
+    assert np.all(np.isfinite(probabilities.numpy()))
+
+
+def test_xla_trains_and_serves_on_one_cpu_replica_and_is_refused_on_several(tiny_backbone, small_dataset, tmp_path) -> None:
+    # A fresh process: one replica (no CPU split). Warm start (XLA extraction and head fit) and
+    # fine-tuning (XLA train step through the backbone).
+    model_dir = str(tmp_path / "model")
+    command = [sys.executable, "-m", "trainer.task", "--data_dir", small_dataset, "--hub_handle", tiny_backbone,
+               "--seed", "3", "--jit_compile", "on", "--fine_tune_layers", "2", "--epochs", "2",
+               "--warm_start_epochs", "2", "--batch_size", "16"]
+    done = subprocess.run([*command, "--model_dir", model_dir], cwd=REPO, env=_subprocess_env(), capture_output=True,
+                          text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "XLA on" in done.stderr and os.path.exists(os.path.join(model_dir, "metrics.json"))
+    refused = subprocess.run([*command, "--model_dir", str(tmp_path / "m2"), "--cpu_replicas", "2"], cwd=REPO,
+                             env=_subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    (line,) = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert "--jit_compile on: XLA cannot run MirroredStrategy over logical CPU devices" in line

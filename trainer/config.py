@@ -15,6 +15,13 @@ THROUGH_BACKBONE = "backbone"
 LOSSES = ("bce", "soft_f1")
 AUGMENTATIONS = ("none", "flip", "dihedral")
 FEATURE_CACHE_MODES = ("auto", "off")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+SWITCHES = ("auto", "on", "off")
+# Per replica, when --extraction_batch_size is not given. On CPU it bounds the activation memory
+# of a forward pass (the whole trainer peaked at 2.0 GB RSS at 32 images of 384 px); a GPU needs
+# larger batches to be busy, and 128 images at 384 px should fit in 16 GB with room to spare (an
+# estimate: no GPU has run this code, benchmarks/README.md).
+DEFAULT_EXTRACTION_BATCH = {"CPU": 32, "GPU": 128}
 # Maximum epochs when --epochs is not given. Early stopping ends training on either path; on
 # cached features an epoch costs well under a second and a linear head on a few thousand examples
 # (15 steps per epoch at batch 256) is still improving at 30 epochs (benchmarks/README.md, quality),
@@ -89,6 +96,18 @@ class TrainOptions:
     cpu_replicas: int = option(1, check=positive,
                                help="with no GPU visible, split the CPU into N logical devices so MirroredStrategy "
                                     "runs N replicas (the code path of N GPUs); ignored when GPUs are present")
+    precision: str = option(
+        "auto", choices=PRECISIONS,
+        help="mixed_float16 (with dynamic loss scaling) or mixed_bfloat16: the head computes in 16 bits with float32 "
+             "weights, the backbone graph is rewritten to 16 bits where TensorFlow deems it safe; outputs, "
+             "thresholds and the serving signature stay float32. auto: mixed_float16 with GPUs, float32 on CPU "
+             "(no speed-up there: measured, benchmarks/README.md)")
+    jit_compile: str = option("auto", choices=SWITCHES,
+                              help="compile the train and predict steps with XLA; auto: on with GPUs, off on CPU")
+    extraction_batch_size: int | None = option(
+        None, check=positive,
+        help=f"images per replica per step of feature extraction and prediction (default: "
+             f"{DEFAULT_EXTRACTION_BATCH['CPU']} on CPU, {DEFAULT_EXTRACTION_BATCH['GPU']} per GPU)")
     early_stopping_patience: int | None = option(
         None, check=positive,
         help=f"epochs without improvement of the monitored loss (val, or train without val) before stopping; the "
@@ -120,6 +139,19 @@ class TrainOptions:
     @property
     def path(self) -> str:
         return CACHED if self.uses_cached_features()[0] else THROUGH_BACKBONE
+
+    def device_precision(self, gpus: int) -> str:
+        """The precision policy for a run with `gpus` GPUs visible."""
+        if self.precision != "auto":
+            return self.precision
+        return "mixed_float16" if gpus else "float32"
+
+    def device_jit_compile(self, gpus: int) -> bool:
+        return self.jit_compile == "on" or (self.jit_compile == "auto" and gpus > 0)
+
+    def device_extraction_batch(self, gpus: int) -> int:
+        """Images per replica per extraction step."""
+        return self.extraction_batch_size or DEFAULT_EXTRACTION_BATCH["GPU" if gpus else "CPU"]
 
     @property
     def max_epochs(self) -> int:

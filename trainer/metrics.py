@@ -23,12 +23,14 @@ def training_metrics(num_labels: int) -> list[tf_keras.metrics.Metric]:
     """``macro_f1`` and ``micro_f1`` at 0.5, and multi-label PR-AUC (``auc_pr``), all on logits."""
     if num_labels < 1:
         raise ValueError(f"training_metrics needs num_labels >= 1, got {num_labels}.")
+    # float32 whatever the global policy: under a mixed one F1Score's state would become autocast
+    # variables, which MirroredStrategy cannot read when it sums them across replicas.
     return [
-        LogitsF1Score(average="macro", threshold=0.5, name="macro_f1"),
-        LogitsF1Score(average="micro", threshold=0.5, name="micro_f1"),
+        LogitsF1Score(average="macro", threshold=0.5, name="macro_f1", dtype="float32"),
+        LogitsF1Score(average="micro", threshold=0.5, name="micro_f1", dtype="float32"),
         # 200 thresholds (the default) under-resolves the PR curve for confident models.
         tf_keras.metrics.AUC(
             curve="PR", multi_label=True, num_labels=num_labels, from_logits=True,
-            num_thresholds=500, name="auc_pr",
+            num_thresholds=500, name="auc_pr", dtype="float32",
         ),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import posixpath
 from typing import Callable
 
@@ -23,20 +24,88 @@ from trainer.embedded_backbone import INFO_FILE
 log = logging.getLogger(__name__)
 
 
+def gpu_count() -> int:
+    return len(tf.config.list_physical_devices("GPU"))
+
+
+def set_precision(policy: str) -> None:
+    """Sets the precision of everything built afterwards: "float32", "mixed_float16" or "mixed_bfloat16".
+
+    The layers built here follow tf_keras' policy (16-bit compute, float32 weights; tf_keras
+    compiles a mixed_float16 model with dynamic loss scaling). A TF Hub backbone is a restored
+    SavedModel traced in float32, so a Keras policy cannot reach inside it: Grappler's mixed-precision
+    rewrite turns its graph to 16 bits at run time where numerically safe (float16 on GPUs;
+    bfloat16 through oneDNN on CPUs). Nothing is rewritten in the export, which stays float32.
+    """
+    tf_keras.mixed_precision.set_global_policy(policy)
+    tf.config.optimizer.set_experimental_options({
+        "auto_mixed_precision": policy == "mixed_float16" and gpu_count() > 0,
+        "auto_mixed_precision_onednn_bfloat16": policy == "mixed_bfloat16",
+    })
+
+
 class BackboneError(ValueError):
     """The --hub_handle cannot be loaded or does not fit the dataset; the message says what to do."""
 
 
-def setup_strategy(cpu_replicas: int = 1) -> tf.distribute.MirroredStrategy:
-    """MirroredStrategy over every visible GPU, or over `cpu_replicas` logical CPUs without one.
+@dataclasses.dataclass(frozen=True)
+class Cluster:
+    """The workers of a multi-machine job, from TF_CONFIG (or Vertex AI's CLUSTER_SPEC)."""
+
+    workers: int
+    task_type: str
+    task_index: int
+
+    @property
+    def is_chief(self) -> bool:
+        """The worker that writes the outputs: "chief" if the cluster names one, else worker 0."""
+        return self.task_type == "chief" or (self.task_type == "worker" and self.task_index == 0 and not self._has_chief)
+
+    _has_chief: bool = False
+
+
+def cluster_from_env(environ: os._Environ | dict[str, str] = os.environ) -> Cluster | None:
+    """The cluster when TF_CONFIG (or CLUSTER_SPEC) names more than one worker, else None.
+
+    Vertex AI sets CLUSTER_SPEC for every custom container (worker pool 0 is the chief, pool 1
+    the workers) and TF_CONFIG only for its prebuilt TensorFlow images; TF_CONFIG is written from
+    CLUSTER_SPEC when missing, since MultiWorkerMirroredStrategy reads TF_CONFIG.
+    """
+    config = json.loads(environ.get("TF_CONFIG") or "{}")
+    if not config.get("cluster") and environ.get("CLUSTER_SPEC"):
+        spec = json.loads(environ["CLUSTER_SPEC"])
+        roles = {"workerpool0": "chief", "workerpool1": "worker"}
+        config = {"cluster": {roles[pool]: hosts for pool, hosts in spec["cluster"].items() if pool in roles},
+                  "task": {"type": roles.get(spec["task"]["type"], spec["task"]["type"]),
+                           "index": spec["task"]["index"]}}
+        environ["TF_CONFIG"] = json.dumps(config)
+    cluster = config.get("cluster", {})
+    workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    if workers < 2:
+        return None
+    task = config.get("task", {})
+    return Cluster(workers, task.get("type", "worker"), int(task.get("index", 0)), "chief" in cluster)
+
+
+def setup_strategy(cpu_replicas: int = 1) -> tf.distribute.Strategy:
+    """MultiWorkerMirroredStrategy when TF_CONFIG / CLUSTER_SPEC names several workers; else
+    MirroredStrategy over every visible GPU, or over `cpu_replicas` logical CPUs without one.
 
     Splitting the CPU must happen before TensorFlow initialises its devices. If the CPU is
     already split (a test harness did it) or the runtime is already initialised, the existing
     devices are used as they are: the replica count is then whatever was configured.
     """
     gpus = tf.config.list_physical_devices("GPU")
+    cluster = cluster_from_env()
+    if cluster is not None:
+        if cpu_replicas > 1 and not gpus:
+            log.warning("--cpu_replicas %d ignored: across workers, each worker is one CPU replica", cpu_replicas)
+        implementation = (tf.distribute.experimental.CommunicationImplementation.NCCL if gpus
+                          else tf.distribute.experimental.CommunicationImplementation.RING)
+        return tf.distribute.MultiWorkerMirroredStrategy(
+            communication_options=tf.distribute.experimental.CommunicationOptions(implementation=implementation))
     if gpus:
-        return tf.distribute.MirroredStrategy()  # NCCL all-reduce across the GPUs
+        return tf.distribute.MirroredStrategy(cross_device_ops=tf.distribute.NcclAllReduce())
     if cpu_replicas > 1:
         cpu = tf.config.list_physical_devices("CPU")[0]
         existing = tf.config.get_logical_device_configuration(cpu)
@@ -80,6 +149,11 @@ class NonEmptyBatch(tf_keras.layers.Layer):
         # training=False even when fine-tuning: batch-norm statistics stay those of pre-training
         # (small per-replica batches would wreck them); unfrozen weights still get gradients.
         return self.backbone(padded, training=False)[:count]
+
+
+# The backbone's restored functions take float32 images; under a mixed policy Keras would cast
+# a layer's floating inputs to 16 bits first.
+FLOAT32 = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +206,7 @@ def load_backbone(handle: str, trainable: bool = False) -> Backbone:
         raise _handle_error(handle, f"no saved_model.pb in {path}")
     try:
         loaded = hub.load(path)
-        layer = hub.KerasLayer(loaded, trainable=trainable, name="backbone")
+        layer = hub.KerasLayer(loaded, trainable=trainable, name="backbone", dtype=FLOAT32)
     except Exception as e:
         raise _handle_error(handle, f"{type(e).__name__}: {e}") from e
     info = {}
@@ -143,7 +217,7 @@ def load_backbone(handle: str, trainable: bool = False) -> Backbone:
     nominal = info.get("input_size")
     return Backbone(
         layer=layer,
-        features=NonEmptyBatch(layer, name="backbone_features"),
+        features=NonEmptyBatch(layer, name="backbone_features", dtype=FLOAT32),
         loaded=loaded,
         handle=handle,
         path=path,
@@ -192,8 +266,9 @@ def build_head(feature_dim: int, num_labels: int, hidden_units: int = 0, dropout
     if dropout > 0:
         x = tf_keras.layers.Dropout(dropout, seed=seed, name="dropout")(x)
     seed_out = None if seed is None else seed + 1
+    # float32 under a mixed policy too: the loss, thresholds and serving outputs take float32 logits.
     logits = tf_keras.layers.Dense(num_labels, kernel_initializer=tf_keras.initializers.GlorotUniform(seed_out),
-                                   name="logits")(x)
+                                   name="logits", dtype=FLOAT32)(x)
     return tf_keras.Model(features, logits, name="head")
 
 
@@ -210,11 +285,22 @@ class FineTuneModel(tf_keras.Model):
 
     def train_step(self, data):
         x, y = data
+        scaling = isinstance(self.optimizer, tf_keras.mixed_precision.LossScaleOptimizer)
         with tf.GradientTape() as tape:
             logits = self(x, training=True)
             loss = self.compute_loss(x, y, logits)
+            if scaling:
+                loss = self.optimizer.get_scaled_loss(loss)
         gradients = tape.gradient(loss, self._head_variables + self._tuned_variables)
         split = len(self._head_variables)
+        if scaling:
+            # One loss scale, the head optimizer's, which also skips a step whose gradients
+            # overflowed (and lowers the scale). The backbone's optimizer gets zeros for such a
+            # step: with Adam that is no change while its moments are still zero (the first steps,
+            # where the dynamic scale settles) and a momentum-only step later on.
+            gradients = self.optimizer.get_unscaled_gradients(gradients)
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients[split:]])
+            gradients[split:] = [tf.where(finite, g, tf.zeros_like(g)) for g in gradients[split:]]
         self.optimizer.apply_gradients(zip(gradients[:split], self._head_variables))
         self.backbone_optimizer.apply_gradients(zip(gradients[split:], self._tuned_variables))
         return self.compute_metrics(x, y, logits, None)
@@ -245,41 +331,98 @@ def _pad_rows(tensor: tf.Tensor, rows: int) -> tf.Tensor:
 
 
 class BatchRunner:
-    """Applies `fn` to every batch of an (inputs, labels) dataset on all replicas.
+    """Applies `fn` to every batch of an (inputs, labels) dataset on all replicas, of every worker.
 
-    Returns (outputs, labels) in the dataset's order: each global batch is split across replicas
-    in order and the per-replica results are concatenated back in that order, so outputs stay
-    aligned with the labels that travelled with them. A short last batch is padded only to a
-    multiple of the replica count (so every replica gets the same number of rows) and the padding
-    dropped afterwards: padding it to the global batch would push up to a whole batch of blank
-    images through the backbone per split. The step is traced for a dynamic batch dimension.
+    Returns (outputs, labels) of the whole dataset in its order, on every worker: each global
+    batch is split across the replicas in replica order and gathered back in that order, so
+    outputs stay aligned with the labels that travelled with them and with the dataset's own order
+    (the report's sample grid relies on it). A short last batch is padded only to a multiple of the
+    replica count (so every replica gets the same number of rows) and the padding dropped
+    afterwards: padding it to the global batch would push up to a whole batch of blank images
+    through the backbone per split.
+
+    Across workers each worker reads the whole (encoded) split and keeps its own replicas' rows:
+    decoding costs about 1 % of the backbone's pass, and the rows each replica gets, hence the
+    order of the gathered result, are then ours rather than tf.data auto-sharding's. Every worker
+    ends with every output, so the head trains on the same features everywhere.
+
+    The step is traced once per element spec, with a dynamic batch dimension, and reused for
+    every split (no retracing for each split's short last batch). With one replica there is
+    nothing to distribute and the step runs on plain batches; with several, the loop counts the
+    batches instead of running the distributed iterator to its end, which is where the per-split
+    stall was (after the last batch was back, 58 s on the 1,603-image train split and several
+    seconds per 200-image split, 1 replica at 384 px, benchmarks/README.md).
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy, fn: Callable[[tf.Tensor], tf.Tensor]) -> None:
+    def __init__(self, strategy: tf.distribute.Strategy, fn: Callable[[tf.Tensor], tf.Tensor],
+                 jit_compile: bool = False) -> None:
         self._strategy = strategy
-        self._replicas = strategy.num_replicas_in_sync
+        self._fn = fn
+        self._jit_compile = jit_compile
+        self._replicas = strategy.num_replicas_in_sync  # across every worker
+        self._distributed = self._replicas > 1
+        self._step = None
+        self._spec = None
 
-        @tf.function(reduce_retracing=True)
-        def step(inputs: tf.Tensor, labels: tf.Tensor, real: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            return strategy.run(lambda x, y, r: (fn(x), y, r), args=(inputs, labels, real))
+    def _step_for(self, spec: tuple) -> Callable:
+        if self._step is None or spec != self._spec:
+            # Compiled per replica, as Keras compiles its steps: one XLA cluster over every replica
+            # would run on one device and reach into the others' variables.
+            strategy, fn = self._strategy, tf.function(self._fn, jit_compile=self._jit_compile)
+            if self._distributed:
+                def step(inputs, labels, real):
+                    results = strategy.run(lambda x, y, r: (fn(x), y, r), args=(inputs, labels, real))
+                    return tuple(strategy.gather(value, axis=0) for value in results)
+            else:
+                def step(inputs, labels, real):
+                    return fn(inputs), labels, real
+            self._step = tf.function(step, input_signature=list(spec))
+            self._spec = spec
+        return self._step
 
-        self._step = step
+    def _per_replica(self, dataset: tf.data.Dataset):
+        """The padded global batches as a distributed dataset: replica r gets rows [r*b, (r+1)*b)."""
+        replicas = self._replicas
+
+        def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+            local = replicas // context.num_input_pipelines
+            first = context.input_pipeline_id * local
+
+            def slices(*batch: tf.Tensor) -> tf.data.Dataset:
+                rows = tf.shape(batch[0])[0] // replicas
+                mine = [t[first * rows:(first + local) * rows] for t in batch]
+                # [local * rows, ...] -> `local` per-replica batches, in replica order
+                return tf.data.Dataset.from_tensor_slices(tuple(
+                    tf.reshape(t, tf.concat([[local, rows], tf.shape(t)[1:]], axis=0)) for t in mine))
+
+            return dataset.flat_map(slices)
+
+        return self._strategy.distribute_datasets_from_function(dataset_fn)
 
     def __call__(self, dataset: tf.data.Dataset, progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray]:
         def pad(inputs: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             count = tf.shape(inputs)[0]
             rows = -(-count // self._replicas) * self._replicas
-            real = tf.range(rows) < count
+            real = tf.cast(tf.range(rows) < count, tf.int32)  # collective all-gather takes no bool
             return _pad_rows(inputs, rows), _pad_rows(labels, rows), real
 
-        local = self._strategy.experimental_local_results
+        dataset = dataset.map(pad)
+        batches = int(dataset.cardinality())
+        if batches < 0:
+            raise ValueError("BatchRunner needs a dataset of known cardinality (trainer.data batches have one)")
+        if self._distributed:
+            dataset = self._per_replica(dataset)
+        step = self._step_for(dataset.element_spec)
         outputs, labels, real = [], [], []
-        for batch in self._strategy.experimental_distribute_dataset(dataset.map(pad)):
-            for results, values in zip((outputs, labels, real), self._step(*batch)):
-                results.extend(t.numpy() for t in local(values))
+        iterator = iter(dataset)
+        # A counted loop, never asking for the element after the last: reaching the end of a
+        # distributed iterator stalled for 10-60 s per split (measured on 1 replica at 384 px).
+        for _ in range(batches):
+            for results, values in zip((outputs, labels, real), step(*next(iterator))):
+                results.append(values.numpy())
             if progress:
-                progress.update(int(sum(r.sum() for r in real[-self._replicas:])))
+                progress.update(int(real[-1].sum()))
         if not outputs:
             raise ValueError("BatchRunner got an empty dataset")
-        keep = np.concatenate(real)
+        keep = np.concatenate(real).astype(bool)
         return np.concatenate(outputs)[keep], np.concatenate(labels)[keep]

@@ -11,7 +11,9 @@ import argparse
 import dataclasses
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +66,7 @@ class RunOutcome:
     metrics: dict | None  # metrics.json content, None without a test split
     export_path: str
     run_info: dict
+    evaluation: Evaluation
 
 
 @dataclasses.dataclass
@@ -97,6 +100,15 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
     if options.seed is not None:
         tf_keras.utils.set_random_seed(options.seed)
     handle = options.hub_handle or embedded_backbone.default_handle()
+    gpus = model_lib.gpu_count()
+    if options.device_jit_compile(gpus) and not gpus and strategy.num_replicas_in_sync > 1:
+        # Every logical CPU is the same XLA device, and the replicas' variables sit on different ones.
+        raise UsageError("--jit_compile on: XLA cannot run MirroredStrategy over logical CPU devices (a replica's "
+                         "compiled step would reach into another device's variables); use it with GPUs or one replica")
+    precision = options.device_precision(gpus)
+    model_lib.set_precision(precision)
+    log.info("precision %s, XLA %s, extraction batch %d per replica (%d GPU(s))", precision,
+             "on" if options.device_jit_compile(gpus) else "off", options.device_extraction_batch(gpus), gpus)
     with strategy.scope():
         backbone = model_lib.load_backbone(handle, trainable=options.fine_tune_layers > 0)
     model_lib.check_image_size(backbone, info.image_size)
@@ -159,13 +171,47 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
     must fix. `flag_record`: the flags as given (run.json's "flags"); default: the options' values."""
     start = time.perf_counter()
     # Imports run no TensorFlow op, so the CPU can still be split in load_inputs.
-    import tensorflow as tf
+    from trainer.train import OutputDirs
 
-    from trainer.train import OutputDirs, train
+    from trainer.config import CACHED
+    from trainer.model import cluster_from_env
 
     info, strategy, backbone = load_inputs(task, options)
     dirs = OutputDirs.under(task.model_dir, os.environ.get("AIP_CHECKPOINT_DIR"),
                             os.environ.get("AIP_TENSORBOARD_LOG_DIR"))
+    cluster = cluster_from_env()
+    if cluster is not None and not cluster.is_chief:
+        # Every worker runs every step (the collective ones must match), but only the chief's
+        # outputs are kept: the others write theirs to scratch space, removed at the end. They
+        # share two folders with the chief. The feature cache: after a restart every worker must
+        # find the same splits cached, or one would extract (collectively) while another skips.
+        # And, through the backbone, the backup: MultiWorkerMirroredStrategy's BackupAndRestore
+        # restores every worker from the chief's; on cached features the head trains on each
+        # worker alone (not distributed), so each keeps its own backup.
+        scratch = tempfile.mkdtemp(prefix=f"tagbeam-{cluster.task_type}{cluster.task_index}-")
+        local = OutputDirs.under(scratch)
+        dirs = dataclasses.replace(local, feature_cache=dirs.feature_cache,
+                                   backup=local.backup if options.path == CACHED else dirs.backup)
+        try:
+            outcome = _run_in(dataclasses.replace(task, model_dir=scratch), options, info, strategy, backbone,
+                              dirs, flag_record, start)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        print(f"[trainer] {cluster.task_type} {cluster.task_index} of {cluster.workers} workers done; the chief "
+              f"writes the outputs to {task.model_dir}")
+        return outcome
+    outcome = _run_in(task, options, info, strategy, backbone, dirs, flag_record, start)
+    print(summary(task.model_dir, outcome.export_path, outcome.run_info, outcome.evaluation))
+    return outcome
+
+
+def _run_in(task: TaskOptions, options: TrainOptions, info: DatasetInfo, strategy: tf.distribute.Strategy,
+            backbone: Backbone, dirs: Any, flag_record: dict[str, Any] | None, start: float) -> RunOutcome:
+    """Stages 2-4 with outputs under task.model_dir."""
+    import tensorflow as tf
+
+    from trainer.train import train
+
     tf.io.gfile.makedirs(task.model_dir)
     try:
         result = train(strategy, info, backbone, options, dirs)  # stage 2
@@ -193,8 +239,7 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
         tensorflow=tf.__version__,
     ).to_json()
     storage.write_json(storage.join(task.model_dir, model_files.RUN_JSON), run_info)  # last: the run is done
-    print(summary(task.model_dir, export_path, run_info, evaluation))
-    return RunOutcome(result, evaluation.thresholds, evaluation.metrics, export_path, run_info)
+    return RunOutcome(result, evaluation.thresholds, evaluation.metrics, export_path, run_info, evaluation)
 
 
 def summary(model_dir: str, export_path: str, run_info: dict[str, Any], evaluation: Evaluation) -> str:

@@ -34,7 +34,10 @@ from trainer.metrics import training_metrics
 
 log = logging.getLogger(__name__)
 
-EXTRACTION_BATCH_SIZE = 32  # per replica; bounds the backbone's activation memory during feature extraction
+# On cached features an epoch takes 0.1-0.2 s and a backup about 20 ms (benchmarks/README.md,
+# section 8): backing up every epoch cost 10-50 % of the fit in two measurements. A kill loses at
+# most this much training.
+CACHED_BACKUP_INTERVAL_S = 5.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,14 +179,20 @@ def read_history(path: str) -> dict[str, list[float]]:
     return history
 
 
+def extraction_batch(strategy: tf.distribute.Strategy, options: TrainOptions) -> int:
+    """The global batch of a pass through the backbone that does not train (extraction, prediction):
+    its size follows the device's memory, not the training batch."""
+    return options.device_extraction_batch(model_lib.gpu_count()) * strategy.num_replicas_in_sync
+
+
 def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
-                      cache: FeatureCache, batch_size: int, timings: dict[str, float], store: FeatureStore | None
+                      cache: FeatureCache, options: TrainOptions, timings: dict[str, float]
                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     features = {}
     images, seconds = 0, 0.0
-    extract = model_lib.BatchRunner(strategy, backbone.features)
-    # Activation memory grows with batch x pixels, and the head's batch size says nothing about it.
-    batch_size = min(batch_size, EXTRACTION_BATCH_SIZE * strategy.num_replicas_in_sync)
+    store = _feature_store(options, info, backbone)
+    extract = model_lib.BatchRunner(strategy, backbone.features, options.device_jit_compile(model_lib.gpu_count()))
+    batch_size = extraction_batch(strategy, options)
     for split in SPLITS:
         if info.split(split).examples == 0:
             continue
@@ -221,7 +230,22 @@ def _feature_store(options: TrainOptions, info: DatasetInfo, backbone: model_lib
     return FeatureStore(options.feature_store, info, backbone.path) if options.feature_store else None
 
 
-def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool, epochs: int
+class PeriodicBackup(tf_keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that backs up after the first epoch and then at most every `every_s` seconds."""
+
+    def __init__(self, backup_dir: str, every_s: float) -> None:
+        super().__init__(backup_dir)
+        self._every_s = every_s
+        self._last: float | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        now = time.monotonic()
+        if self._last is None or now - self._last >= self._every_s:
+            super().on_epoch_end(epoch, logs)
+            self._last = now
+
+
+def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool, epochs: int, backup_every_s: float
                ) -> list[tf_keras.callbacks.Callback]:
     # Restarting from a backup must not let a worse post-restart epoch overwrite the best
     # checkpoint written before the kill. The monitor is a loss: lower is better.
@@ -238,7 +262,7 @@ def _callbacks(dirs: OutputDirs, monitor: str, patience: int, resuming: bool, ep
         # Logged before the backup is written: a kill in between makes the epoch run twice
         # (read_history keeps the rerun's row) rather than vanish from the history.
         tf_keras.callbacks.CSVLogger(dirs.history_csv, append=True),
-        tf_keras.callbacks.BackupAndRestore(dirs.backup),
+        PeriodicBackup(dirs.backup, backup_every_s),
     ]
 
 
@@ -263,7 +287,7 @@ def prepare_inputs(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone
     has_val = info.split("val").examples > 0
     if cached:
         features = _extract_features(strategy, info, backbone, FeatureCache(dirs.feature_cache, info, backbone),
-                                     options.batch_size, timings, _feature_store(options, info, backbone))
+                                     options, timings)
         return Inputs(features,
                       data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
                       data.feature_dataset(*features["val"], options.batch_size) if has_val else None)
@@ -283,13 +307,13 @@ def warm_start_head(strategy: tf.distribute.Strategy, info: DatasetInfo, backbon
     it from the feature cache, unless the fine-tuning stage has a backup (which holds the head).
     """
     cache = FeatureCache(dirs.feature_cache, info, backbone)
-    features = _extract_features(strategy, info, backbone, cache, options.batch_size, timings,
-                                 _feature_store(options, info, backbone))
+    features = _extract_features(strategy, info, backbone, cache, options, timings)
     monitor = "val_loss" if "val" in features else "loss"
     patience = options.early_stopping_patience or DEFAULT_PATIENCE[CACHED]
     with strategy.scope():
         head.compile(optimizer=tf_keras.optimizers.Adam(options.learning_rate),
-                     loss=get_loss(options.loss, _pos_weight(info, options)))
+                     loss=get_loss(options.loss, _pos_weight(info, options)),
+                     jit_compile=options.device_jit_compile(model_lib.gpu_count()))
     start = time.perf_counter()
     history = head.fit(
         data.feature_dataset(*features["train"], options.batch_size, training=True, seed=options.seed),
@@ -304,11 +328,21 @@ def warm_start_head(strategy: tf.distribute.Strategy, info: DatasetInfo, backbon
              len(history.epoch), monitor, min(history.history[monitor]), timings["warm_start_s"])
 
 
+def head_strategy(strategy: tf.distribute.Strategy, cached: bool) -> tf.distribute.Strategy:
+    """Where the head lives: on cached features, the default (no) strategy.
+
+    There each step is a [batch, D] x [D, K] product: replicas add nothing but their
+    synchronisation, which made an epoch 4x slower on one replica (0.51 vs 0.13 s on the sample
+    posters, benchmarks/README.md). Through the backbone the head trains with it, on every replica.
+    """
+    return tf.distribute.get_strategy() if cached else strategy
+
+
 def compile_fit_model(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_lib.Backbone,
                       head: tf_keras.Model, options: TrainOptions, cached: bool) -> tf_keras.Model:
     """Stage 3: the model that `fit` trains - the head alone on cached features, else backbone + head
     (with the top backbone variables on their own optimizer when fine-tuning)."""
-    with strategy.scope():
+    with head_strategy(strategy, cached).scope():
         if cached:
             fit_model = head
         elif options.fine_tune_layers > 0:
@@ -324,6 +358,7 @@ def compile_fit_model(strategy: tf.distribute.Strategy, info: DatasetInfo, backb
             optimizer=tf_keras.optimizers.Adam(options.learning_rate),
             loss=get_loss(options.loss, _pos_weight(info, options)),
             metrics=training_metrics(info.num_labels),
+            jit_compile=options.device_jit_compile(model_lib.gpu_count()),
         )
     return fit_model
 
@@ -338,7 +373,8 @@ def fit(fit_model: tf_keras.Model, inputs: Inputs, options: TrainOptions, dirs: 
     if inputs.val is None:
         log.warning("the val split is empty: early stopping, LR schedule and checkpoints follow the TRAINING loss")
     epochs = options.max_epochs
-    callbacks = _callbacks(dirs, monitor, options.patience, resuming, epochs)
+    backup_every_s = CACHED_BACKUP_INTERVAL_S if options.path == CACHED else 0.0
+    callbacks = _callbacks(dirs, monitor, options.patience, resuming, epochs, backup_every_s)
     start = time.perf_counter()
     fit_history = fit_model.fit(inputs.train, validation_data=inputs.val, epochs=epochs, callbacks=callbacks, verbose=0)
     timings["fit_s"] = time.perf_counter() - start
@@ -357,7 +393,7 @@ def train(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_l
     size = info.image_size
 
     feature_dim = model_lib.feature_dim(strategy, backbone, size)
-    with strategy.scope():
+    with head_strategy(strategy, cached).scope():
         head = model_lib.build_head(feature_dim, info.num_labels, options.hidden_units, options.dropout, options.seed)
     inputs = prepare_inputs(strategy, info, backbone, options, dirs, timings, cached)
     resuming = tf.train.latest_checkpoint(storage.join(dirs.backup, "chief")) is not None
@@ -374,14 +410,14 @@ def train(strategy: tf.distribute.Strategy, info: DatasetInfo, backbone: model_l
 
     # On the cached path the head on cached features computes what full_model computes on the images.
     probabilities = model_lib.BatchRunner(
-        strategy, lambda x: tf.sigmoid((head if cached else full_model)(x, training=False))
-    )
+        head_strategy(strategy, cached), lambda x: tf.sigmoid((head if cached else full_model)(x, training=False)),
+        options.device_jit_compile(model_lib.gpu_count()))
 
     def predict(split: str) -> tuple[np.ndarray, np.ndarray] | None:
         if info.split(split).examples == 0:
             return None
         if cached:
             return probabilities(data.feature_dataset(*inputs.features[split], options.batch_size))
-        return probabilities(data.image_dataset(info, split, options.batch_size))
+        return probabilities(data.image_dataset(info, split, extraction_batch(strategy, options)))
 
     return TrainResult(full_model, path, read_history(dirs.history_csv), initial_epoch, timings, predict)
