@@ -62,7 +62,6 @@ def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions,
                known: Sequence[fetch.Validators | None] | None = None) -> list[fetch.Fetched | fetch.FetchError]:
     """Fetches the rows' images concurrently, in row order, one result (Fetched or error) per row;
     conditionally where `known` gives a row the validators of an earlier fetch."""
-    known = known if known is not None else [None] * len(rows)
     # fetch confines local reads to a row's base folder, so rows are fetched per base.
     by_base: dict[str | None, list[int]] = defaultdict(list)
     for i, row in enumerate(rows):
@@ -70,7 +69,7 @@ def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions,
     fetched: list[fetch.Fetched | fetch.FetchError] = [None] * len(rows)  # type: ignore[list-item]
     for base, indices in by_base.items():
         results = fetch.fetch_many([rows[i].uri for i in indices], options, base=base,
-                                   known=[known[i] for i in indices])
+                                   known=[known[i] for i in indices] if known is not None else None)
         for i, result in zip(indices, results):
             fetched[i] = result
     return fetched

@@ -130,3 +130,24 @@ def write_dataset(
     with open(os.path.join(root, "dataset.json"), "w") as f:
         json.dump(meta, f, indent=2)
     return root
+
+
+def read_examples(folder: str, info: dict) -> dict[str, dict]:
+    """id -> split, labels, image, record size; asserts each id occurs once across all shards."""
+    spec = {"id": tf.io.FixedLenFeature([], tf.string), "image": tf.io.FixedLenFeature([], tf.string),
+            "labels": tf.io.FixedLenFeature([info["num_labels"]], tf.int64)}
+    examples: dict[str, dict] = {}
+    for split, summary in info["splits"].items():
+        for name in summary["files"]:
+            compression = {"none": "", "gzip": "GZIP"}[info["shard_compression"]]
+            for record in tf.data.TFRecordDataset(os.path.join(folder, name), compression_type=compression):
+                parsed = tf.io.parse_single_example(record, spec)
+                id_ = parsed["id"].numpy().decode()
+                assert id_ not in examples, f"{id_} written twice"
+                examples[id_] = {"split": split, "labels": tuple(parsed["labels"].numpy().tolist()),
+                                 "image": parsed["image"].numpy(), "bytes": len(record.numpy()), "file": name}
+    return examples
+
+
+def label_names(example: dict, info: dict) -> set[str]:
+    return {label for label, bit in zip(info["labels"], example["labels"]) if bit}

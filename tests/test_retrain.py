@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dataset_factory import label_names, read_examples
 from fault_server import FaultServer, Response
 
 import sample_data
@@ -149,7 +150,9 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         assert record["health"]["passed"] and record["outcome"] in ("promoted", "refused")
         run_json = json.loads((workspace / "runs" / record["run_id"] / "model" / "run.json").read_text())
         assert run_json["timings"]["feature_extraction_images"] == 20  # the rest from the workspace's store
-        labels_of = _labels_by_id(workspace / "runs" / record["run_id"] / "dataset")
+        data_dir = workspace / "runs" / record["run_id"] / "dataset"
+        info = json.loads((data_dir / "dataset.json").read_text())
+        labels_of = {k: label_names(e, info) for k, e in read_examples(str(data_dir), info).items()}
         assert {key: labels_of[key] for key in relabel} == {key: {label} for key, label in relabel.items()}
         # The same night as a full rebuild writes the same bytes.
         rebuilt = tmp_path / "rebuilt"
@@ -177,21 +180,6 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         assert (workspace / "champion.json").read_bytes() == champion_bytes
     finally:
         server.stop()
-
-
-def _labels_by_id(data_dir: Path) -> dict[str, set[str]]:
-    import tensorflow as tf
-
-    info = json.loads((data_dir / "dataset.json").read_text())
-    spec = {"id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.FixedLenFeature([info["num_labels"]], tf.int64)}
-    found = {}
-    for split in info["splits"].values():
-        for name in split["files"]:
-            for record in tf.data.TFRecordDataset(str(data_dir / name)):
-                example = tf.io.parse_single_example(record, spec)
-                found[example["id"].numpy().decode()] = {info["labels"][i] for i, v in
-                                                         enumerate(example["labels"].numpy()) if v}
-    return found
 
 
 def test_a_gs_workspace_reuses_its_newest_dataset(gcs_bucket, emulator_credentials, tmp_path):
