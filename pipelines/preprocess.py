@@ -32,7 +32,8 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines import cli, dataset_info, manifests, reuse, vocabulary
-from pipelines.examples import REUSED_TAG, SOURCES_TAG, TALLIES_TAG, EncodeRows, ExampleOptions, plan_shards
+from pipelines.reuse import SOURCES_TAG, TALLIES_TAG
+from pipelines.examples import REUSED_TAG, EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
