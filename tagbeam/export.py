@@ -42,6 +42,13 @@ OUTPUT_PREDICTED = "predicted"  # int32 [B, K]: 0/1
 ASSETS_DIR = "assets"
 SAVED_MODEL_PB = "saved_model.pb"
 
+# --- backbones (TF Hub image feature vectors) --------------------------------------------------------
+# An optional second function of a backbone SavedModel: the feature map before global average
+# pooling, `spatial_features(images) -> [B, h, w, C]` for float RGB images in [0, 1], whose spatial
+# mean is what `__call__(images, training=False)` returns. The embedded backbones export it; the
+# model report's class activation maps use it (a backbone without it gets no maps, and says so).
+BACKBONE_SPATIAL_FUNCTION = "spatial_features"
+
 
 def asset_path(export_dir: str, name: str) -> str:
     return storage.join(export_dir, ASSETS_DIR, name)
