@@ -38,7 +38,8 @@ import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from tagbeam.dataset import DRAFT_MARGIN, IMAGE_FORMATS, JPEG_SUBSAMPLINGS, RESIZE_POLICIES
-from tagbeam.flags import check_fields, in_range, option, positive
+from pipelines.options import PREDICT
+from tagbeam.flags import group, in_range, option, positive
 
 
 # Pillow's JPEG opener also returns the multi-picture JPEGs ("MPO") that many phones write.
@@ -70,7 +71,7 @@ class ImageError(Exception):
         return type(self), (self.reason, self.detail)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class ImageOptions:
     """Images: decoding, resizing and how they are stored."""
 
@@ -95,17 +96,14 @@ class ImageOptions:
     # give identical pixels for either choice.
     jpeg_subsampling: str = option("4:2:0", choices=JPEG_SUBSAMPLINGS,
                                    help="chroma subsampling of the stored JPEGs (4:2:0, as most source JPEGs are)")
-    max_pixels: int = option(50_000_000, flag="max_image_pixels", check=positive,
+    max_pixels: int = option(50_000_000, flag="max_image_pixels", check=positive, tags=[PREDICT],
                              help="refuse images with more pixels, checked from the header (decompression bombs)")
     # What one decode may hold, whatever the format: 200 MiB admits every 8-bit image of up to 4 bands
     # under the default pixel bound, and is the memory a worker must afford per decoding thread.
-    max_decoded_bytes: int = option(200 * 2**20, check=positive,
+    max_decoded_bytes: int = option(200 * 2**20, check=positive, tags=[PREDICT],
                                     help="refuse images whose decoded samples (width x height x samples per "
                                          "pixel x bytes per sample, from the header; at least 4 samples, as "
                                          "conversion to RGB(A) takes) would take more memory")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def identity(options: ImageOptions) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from pipelines.examples import decoded_or_rejection, fetch_rows
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.manifests import Row
-from pipelines.options import ManifestOptions, OutputOptions, PredictOptions
+from pipelines.options import PREDICT, ManifestOptions, OutputOptions, PredictOptions
 from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, rejected
 from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection, StoredImages
@@ -41,30 +41,26 @@ _LOG = logging.getLogger("pipelines.predict")
 ENTRY_POINT = "pipelines.predict"
 SUMMARY_JSON = "summary.json"
 PREDICTIONS_PREFIX = "predictions"
-# Predict reads no labels from the manifest; of the image options only the decoding bounds apply
-# (the model's export fixes the rest).
-_MANIFEST_FLAGS = [f.name for f in dataclasses.fields(ManifestOptions) if f.name not in ("labels_column", "label_delimiter")]
-_IMAGE_FLAGS = ["max_pixels", "max_decoded_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictJob:
-    manifest: ManifestOptions
+    """The entry point's option groups. Predict reads no labels from the manifest; of the image
+    options only the decoding bounds apply (the model's export fixes the rest): the options tagged
+    PREDICT."""
+
+    manifest: ManifestOptions = flags.part(only_tagged=PREDICT)
     output: OutputOptions
     predict: PredictOptions
     fetch: FetchOptions
-    image: ImageOptions
+    image: ImageOptions = flags.part(only_tagged=PREDICT)
     flags: dict[str, Any]
 
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=f"python -m {ENTRY_POINT}", description=__doc__.split("\n\n")[0],
                      epilog="Any other argument must be one of Beam's pipeline options (--runner, --project, ...).")
-    flags.add_options(p, ManifestOptions, only=_MANIFEST_FLAGS)
-    flags.add_options(p, OutputOptions)
-    flags.add_options(p, PredictOptions)
-    flags.add_options(p, FetchOptions)
-    flags.add_options(p, ImageOptions, only=_IMAGE_FLAGS)
+    flags.add_job_options(p, PredictJob)
     return p
 
 
@@ -72,9 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PredictJob, list[str]
     parser = build_parser()
     namespace, beam_args = flags.parse_with_beam(parser, argv, ENTRY_POINT)
     try:
-        job = PredictJob(flags.build(ManifestOptions, namespace), flags.build(OutputOptions, namespace),
-                         flags.build(PredictOptions, namespace), flags.build(FetchOptions, namespace),
-                         flags.build(ImageOptions, namespace), dict(vars(namespace)))
+        job = PredictJob(**flags.build_parts(PredictJob, namespace), flags=dict(vars(namespace)))
     except UsageError as err:
         parser.error(str(err))
     return job, beam_args

@@ -47,7 +47,6 @@ _LOG = logging.getLogger("pipelines.preprocess")
 ENTRY_POINT = "pipelines.preprocess"
 # Runners that execute on this machine: their workers can share a local temporary folder.
 _LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
-GROUPS = (ManifestOptions, OutputOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions, reuse.ReuseOptions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +64,7 @@ class PreprocessJob:
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> "PreprocessJob":
-        return cls(*(flags.build(group, namespace) for group in GROUPS), flags=dict(vars(namespace)))
+        return cls(**flags.build_parts(cls, namespace), flags=dict(vars(namespace)))
 
     def example_options(self) -> ExampleOptions:
         return ExampleOptions(self.fetch, self.image, self.splits.val_fraction, self.splits.test_fraction,
@@ -75,8 +74,7 @@ class PreprocessJob:
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=f"python -m {ENTRY_POINT}", description=__doc__.split("\n\n")[0],
                      epilog="Any other argument must be one of Beam's pipeline options (--runner, --project, ...).")
-    for group in GROUPS:
-        flags.add_options(p, group)
+    flags.add_job_options(p, PreprocessJob)
     return p
 
 

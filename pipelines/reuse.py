@@ -34,11 +34,12 @@ import apache_beam as beam
 from pipelines import images
 from pipelines.fetch import FetchOptions
 from pipelines.manifests import Row
+from pipelines.options import ACCEPTANCE
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected
 from pipelines.shards import Encoded, ShardPlan, shard_key
-from tagbeam import dataset, storage
+from tagbeam import dataset, flags, storage
 from tagbeam.dataset import Source
-from tagbeam.flags import UsageError, check_fields, option
+from tagbeam.flags import UsageError, group, option
 
 _LOG = logging.getLogger(__name__)
 SOURCES_TAG = "sources"  # where each example's Source leaves EncodeRows and the rebuild
@@ -46,7 +47,7 @@ TALLIES_TAG = "tallies"  # (rows fetched, reused, revalidated) per batch, summed
 REVALIDATE_POLICIES = ("none", "conditional")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class ReuseOptions:
     """Reuse: an earlier dataset's images for rows whose source is unchanged."""
 
@@ -57,9 +58,6 @@ class ReuseOptions:
                              help="none: the same id and URI is unchanged; conditional: ask the source first "
                                   "(HTTP ETag/Last-Modified -> 304, gs:// generation, local size and mtime) and "
                                   "fetch only what changed")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 class Reused(NamedTuple):
@@ -83,16 +81,13 @@ class Previous:
     compression: str
 
 
-# Fetch options that decide whether a source is accepted at all: a run with other values might reject
-# (or admit) an image the earlier run admitted (or rejected), so their datasets are not interchangeable.
-_ACCEPTANCE = ("max_bytes", "max_redirects", "allow_loopback", "allow_link_local", "allow_local_files")
-
-
 def fingerprint(image_options: images.ImageOptions, fetch_options: FetchOptions) -> str:
     """dataset.json's image_fingerprint: what makes a stored image from a source (pipelines.images.identity)
-    and what decides whether a source is accepted. A run reuses only a dataset whose fingerprint is its own."""
+    and what decides whether a source is accepted (the fetch options tagged ACCEPTANCE: a run with other
+    values might reject, or admit, an image the earlier run admitted, or rejected). A run reuses only a
+    dataset whose fingerprint is its own."""
     what = {"image": images.identity(image_options),
-            "fetch": {name: getattr(fetch_options, name) for name in _ACCEPTANCE}}
+            "fetch": {name: getattr(fetch_options, name) for name in flags.tagged(FetchOptions, ACCEPTANCE)}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
