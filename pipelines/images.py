@@ -37,9 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from tagbeam.dataset import DRAFT_MARGIN, IMAGE_FORMATS, JPEG_SUBSAMPLINGS, RESIZE_POLICIES
 from pipelines.options import PREDICT
+from tagbeam.dataset import DRAFT_MARGIN
 from tagbeam.flags import group, in_range, option, positive
+from tagbeam.stored import IMAGE_FORMATS, JPEG_SUBSAMPLINGS, MAX_IMAGE_SIZE, PNG_COMPRESS_LEVEL, RESIZE_POLICIES, StoredImages
 
 
 # Pillow's JPEG opener also returns the multi-picture JPEGs ("MPO") that many phones write.
@@ -55,8 +56,6 @@ _STRETCH_PERCENTILES = (2.0, 98.0)
 # Raise whenever a change here can change the stored bytes of an image: datasets of an older
 # version are then never reused (see `fingerprint`).
 IMAGE_CODE_VERSION = 1
-MAX_IMAGE_SIZE = 4096  # ImageNet-style backbones take 224-600 px; 4096 is 48 MiB per decoded image
-PNG_COMPRESS_LEVEL = 1  # 2.5x faster than the default 6 for ~7 % more bytes
 
 
 class ImageError(Exception):
@@ -105,6 +104,17 @@ class ImageOptions:
                                          "pixel x bytes per sample, from the header; at least 4 samples, as "
                                          "conversion to RGB(A) takes) would take more memory")
 
+    @property
+    def stored(self) -> StoredImages:
+        """How images made with these options are stored (tagbeam.stored owns that format)."""
+        return StoredImages(self.size, self.output_format, self.policy, self.jpeg_quality, self.jpeg_subsampling)
+
+    def storing(self, stored: StoredImages) -> "ImageOptions":
+        """These decoding bounds, storing images as `stored` says (pipelines.predict: an export's)."""
+        return dataclasses.replace(self, size=stored.image_size, output_format=stored.image_format,
+                                   policy=stored.resize_policy, jpeg_quality=stored.jpeg_quality,
+                                   jpeg_subsampling=stored.jpeg_subsampling)
+
 
 def identity(options: ImageOptions) -> dict[str, Any]:
     """Everything that makes the stored bytes of an image from its source bytes: every option (the
@@ -131,7 +141,7 @@ def process(data: bytes, options: ImageOptions) -> bytes:
     with _as_image_errors():
         decoded = _decode(data, options, draft_side=DRAFT_MARGIN * options.size)
         resized = _resize(decoded, options.size, options.policy)
-        return _encode(resized, options)
+        return options.stored.encode(resized)
 
 
 def resize(img: Image.Image, size: int, policy: str) -> Image.Image:
@@ -347,15 +357,6 @@ def _tiff_rgb(data: bytes, limits: ImageOptions) -> Image.Image:
             alpha = np.clip(alpha, 0.0, 1.0)
             rgb[rows] = np.rint(rgb[rows] * alpha + 255.0 * (1.0 - alpha))
     return Image.fromarray(rgb, "RGB")
-
-
-def _encode(img: Image.Image, options: ImageOptions) -> bytes:
-    out = io.BytesIO()
-    if options.output_format == "jpeg":
-        img.save(out, "JPEG", quality=options.jpeg_quality, subsampling=options.jpeg_subsampling)
-    else:
-        img.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return out.getvalue()
 
 
 @contextlib.contextmanager

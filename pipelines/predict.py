@@ -120,9 +120,7 @@ class FetchAndCheck(beam.DoFn):
 
     def __init__(self, options: fetch.FetchOptions, limits: ImageOptions, stored: StoredImages | None) -> None:
         self._options = options
-        self._image_options = None if stored is None else dataclasses.replace(
-            limits, size=stored.image_size, policy=stored.resize_policy, output_format=stored.image_format,
-            jpeg_quality=stored.jpeg_quality, jpeg_subsampling=stored.jpeg_subsampling)
+        self._image_options = None if stored is None else limits.storing(stored)
         self._limits = limits
 
     def _model_input(self, data: bytes) -> bytes:

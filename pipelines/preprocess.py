@@ -66,6 +66,9 @@ class PreprocessJob:
     def from_namespace(cls, namespace: Any) -> "PreprocessJob":
         return cls(**flags.build_parts(cls, namespace), flags=dict(vars(namespace)))
 
+    def layout(self) -> dataset_info.Layout:
+        return dataset_info.Layout(self.image.stored, self.splits.shard_compression, self.labels.unlabeled)
+
     def example_options(self) -> ExampleOptions:
         return ExampleOptions(self.fetch, self.image, self.splits.val_fraction, self.splits.test_fraction,
                               self.labels.unlabeled == "keep", self.reuse.revalidate)
@@ -171,7 +174,7 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
     record = dataset_info.ReuseRecord(reuse.fingerprint(job.image, job.fetch), previous.data_dir if previous else "")
     _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files, "tallies": tallies,
           "sources_files": sources_files}
-         | "CommitDataset" >> dataset_info.CommitDataset(output, options_record, record))
+         | "CommitDataset" >> dataset_info.CommitDataset(output, job.layout(), options_record, record))
 
 
 def _counters(result: Any) -> dict[str, int]:

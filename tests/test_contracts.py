@@ -226,3 +226,41 @@ def test_beam_options_pass_and_anything_else_is_named():
                                         "--max_num_workers", "3", "--save_main_session"])
     assert beam == ["--runner", "DataflowRunner", "--project=p", "--max_num_workers", "3", "--save_main_session"]
     assert rest == ["--dropout", "0.1"]
+
+
+def test_stored_images_owns_its_checks_json_and_codec():
+    """tagbeam.stored.StoredImages: the one owner of how images are stored (docs/dataset.md)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.images import ImageOptions
+    from tagbeam.stored import StoredImages
+
+    jpeg = ImageOptions(size=16, jpeg_quality=90).stored
+    assert jpeg == StoredImages(16, "jpeg", "squash", 90, "4:2:0") and jpeg.jpeg == (90, "4:2:0")
+    assert StoredImages.from_json(json.loads(json.dumps(jpeg.to_json()))) == jpeg
+    assert _info().stored_images == StoredImages.from_json(_info().to_json())  # dataset.json holds the same fields
+    assert ImageOptions(max_pixels=7).storing(jpeg).stored == jpeg  # predict: an export's format, its own bounds
+    for bad, message in (({"image_size": 0}, "image_size must be an int in"), ({"jpeg_quality": 101}, "jpeg_quality"),
+                         ({"image_format": "webp"}, "image_format 'webp' is not one of"),
+                         ({"jpeg_subsampling": "4:1:1"}, "jpeg_subsampling")):
+        with pytest.raises(ValueError, match=message):
+            StoredImages(**{**jpeg.to_json(), **bad})
+    with pytest.raises(ValueError, match="has no 'resize_policy'"):
+        StoredImages.from_json({"image_size": 16, "image_format": "png"})
+    # What the pipeline writes is what the trainer and the serving signatures decode, pixel for pixel.
+    ramp = np.arange(16, dtype=np.uint8) * 16
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), axis=-1)
+    for stored in (jpeg, StoredImages(16, "png", "pad", 95, "4:4:4")):
+        data = stored.encode(Image.fromarray(pixels))
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(stored.decode(data).numpy(), expected)
+        through = stored.through_codec(pixels.astype("float32") / 255.0).numpy()
+        assert through.dtype == np.uint8 and through.shape == (16, 16, 3)
+        if stored.jpeg is None:
+            np.testing.assert_array_equal(through, pixels)
+        else:
+            # Serving's round trip carries the stored JPEG's error, not the source's pixels.
+            assert np.abs(through.astype(int) - expected).mean() < 1 < np.abs(through.astype(int) - pixels).sum()

@@ -202,9 +202,10 @@ def test_planet_tiff_chips_end_to_end(tmp_path):
 
 
 def test_online_serving_names_a_format_it_does_not_decode(tmp_path):
+    from tagbeam.stored import StoredImages
     from trainer.serving import preprocess_image_bytes
 
-    serve = tf.function(lambda batch: preprocess_image_bytes(batch, SIZE, "squash"))
+    serve = tf.function(lambda batch: preprocess_image_bytes(batch, StoredImages(SIZE, "png", "squash", 95, "4:2:0")))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[TIFF\].*decodes JPEG, PNG, GIF, BMP, WebP only"):
         serve(tf.constant([_chip(7)]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[an unknown format\]"):

@@ -403,14 +403,16 @@ def test_command_line_help_and_exit_code():
 
 def test_lost_rows_fail_the_commit_with_the_numbers():
     from pipelines import dataset_info
+    from tagbeam.stored import StoredImages
 
     shard = {"split": "train", "index": 0, "num_shards": 1, "file": "train-00000-of-00001.tfrecord",
              "examples": 7, "bytes": 100, "label_counts": [7]}
-    options = {"image_size": 32, "image_format": "jpeg", "jpeg_quality": 95, "jpeg_subsampling": "4:2:0",
-               "resize_policy": "squash", "shard_compression": "none", "unlabeled": "reject"}
+    options = {"image_size": 32}  # the flags' record only: what is stored comes from the layout
+    layout = dataset_info.Layout(StoredImages(32, "jpeg", "squash", 95, "4:2:0"), "none", "reject")
     info = dataset_info.build_info(labels=["a"], input_rows=9, rejected_by_reason={"fetch:http_404": 2},
-                                   shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], options=options)
+                                   shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], layout=layout,
+                                   options=options)
     assert info.splits["train"].examples == 7 and info.splits["val"].shards == 0
     with pytest.raises(dataset_info.InvariantError, match=r"input_rows 10 != examples 7 \+ rejected 2"):
         dataset_info.build_info(labels=["a"], input_rows=10, rejected_by_reason={"fetch:http_404": 2},
-                                shards=[shard], rejected_files=[], options=options)
+                                shards=[shard], rejected_files=[], layout=layout, options=options)

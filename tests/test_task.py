@@ -101,7 +101,7 @@ def test_end_to_end_on_two_replicas_with_the_embedded_backbone(tmp_path) -> None
     for i, encoded in enumerate(payload):
         (images_dir / f"{i:02d}.jpg").write_bytes(encoded)
     # The export re-encodes at the dataset's JPEG quality (as the stored training images were).
-    pixels = preprocess_image_bytes(tf.constant(payload), 64, "squash", *info.stored_jpeg)
+    pixels = preprocess_image_bytes(tf.constant(payload), info.stored_images)
     in_memory = tf.sigmoid(outcome.result.model(pixels)).numpy()
     out = tmp_path / "served.npy"
     subprocess.run(
