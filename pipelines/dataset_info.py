@@ -17,12 +17,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.cli import claim_output
 from pipelines.shards import ShardPlan
 from tagbeam import storage
 from tagbeam.dataset import (
     DATASET_JSON,
     LABELS_TXT,
+    OUTPUT_MARKER,
     REJECTED_PREFIX,
     REJECTED_SUFFIX,
     SHARD_SUFFIXES,
@@ -49,13 +49,42 @@ class InvariantError(RuntimeError):
     """The pipeline lost or duplicated rows: a bug, never the user's fault."""
 
 
+def claim_output(output: str, overwrite: bool, entry_point: str) -> bool:
+    """Makes `output` a folder of this job's, before anything is written or removed there.
+
+    Refuses (UsageError) a path that is a file, a place that cannot be written, and a non-empty folder
+    that no tagbeam job wrote (no OUTPUT_MARKER) unless `overwrite`: a job removes only what it can
+    prove it wrote. Returns whether the folder was a tagbeam job's before (its left-overs may go).
+    """
+    if not storage.is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output {output} is a file; give a folder (new or empty, or one this job wrote)")
+    marker = storage.join(output, OUTPUT_MARKER)
+    ours = storage.exists(marker)
+    if storage.is_remote(output):
+        others = [p for p in storage.match(storage.join(output, "**")) if not p.endswith("/" + OUTPUT_MARKER)]
+    else:
+        others = sorted(os.listdir(output)) if os.path.isdir(output) else []
+        others = [name for name in others if name != OUTPUT_MARKER]
+    if others and not ours and not overwrite:
+        shown = ", ".join(p.rstrip("/").rsplit("/", 1)[-1] for p in others[:3])
+        raise UsageError(f"--output {output} holds files no tagbeam job wrote ({shown}{', ...' if len(others) > 3 else ''}); "
+                               "choose a new or empty folder, or pass --overwrite to let this job replace its own kind "
+                               "of files there")
+    try:
+        storage.write_json(marker, {"written_by": entry_point})
+    except Exception as err:  # noqa: BLE001 - OSError locally, the store's own errors elsewhere
+        raise UsageError(f"--output {output} cannot be written ({type(err).__name__}: {err}); "
+                               "choose a folder you can write") from None
+    return ours
+
+
 def prepare_output(output: str, overwrite: bool) -> None:
     """Refuses an output folder that holds a dataset unless `overwrite`; clears our files either way.
 
     dataset.json goes first, so an interrupted clean-up never leaves a folder that looks complete.
     Left-overs of a failed run (transform output, a dead letter, temporary files) are replaced
     silently; shards or a dataset.json are only replaced with --overwrite; a folder holding files
-    no tagbeam job wrote is refused without --overwrite (cli.claim_output).
+    no tagbeam job wrote is refused without --overwrite (claim_output).
     """
     if not overwrite and any(storage.match(storage.join(output, p)) for p in (DATASET_JSON, *_SHARD_PATTERNS)):
         raise UsageError(f"--output {output} already holds a dataset (dataset.json or shards); pass --overwrite "

@@ -281,7 +281,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise UsageError(f"--output {output} already holds predictions ({len(existing)} files); "
                          "pass --overwrite to replace them or choose another folder")
-    cli.claim_output(output, overwrite, ENTRY_POINT)
+    dataset_info.claim_output(output, overwrite, ENTRY_POINT)
     if existing:
         FileSystems.delete(existing)
 

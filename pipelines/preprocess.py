@@ -32,12 +32,19 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines import cli, dataset_info, manifests, reuse, vocabulary
-from pipelines.reuse import SOURCES_TAG, TALLIES_TAG
-from pipelines.examples import REUSED_TAG, EncodeRows, ExampleOptions, plan_shards
+from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
-from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, WriteRejected, WriteSources
+from pipelines.outcomes import (
+    COUNTER_NAMESPACE,
+    REJECTED_TAG,
+    REUSED_TAG,
+    SOURCES_TAG,
+    TALLIES_TAG,
+    WriteRejected,
+    WriteSources,
+)
 from pipelines.shards import ShardPlan, WriteShards
 from tagbeam import console, flags, storage
 from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT, labels_text

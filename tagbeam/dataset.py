@@ -54,6 +54,23 @@ FEATURE_ID = "id"
 FEATURE_IMAGE = "image"
 FEATURE_LABELS = "labels"
 
+
+def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int) -> bytes:
+    """The serialized tf.train.Example of docs/dataset.md: what the pipeline writes and every reader
+    parses with the FEATURE_* keys (TensorFlow's protobufs, imported here only)."""
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    multi_hot = [0] * num_labels
+    for label in label_ids:
+        multi_hot[label] = 1
+    features = feature_pb2.Features(feature={
+        FEATURE_ID: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[id_.encode("utf-8")])),
+        FEATURE_IMAGE: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[image])),
+        FEATURE_LABELS: feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=multi_hot)),
+    })
+    # deterministic: map entries sorted by key, so that equal examples are equal bytes in every process
+    return example_pb2.Example(features=features).SerializeToString(deterministic=True)
+
 # What a dataset.json without a field means: those fields were added later, and datasets written
 # before hold GZIP shards (and what tagbeam.stored says of the image fields).
 LEGACY_DEFAULTS = {"shard_compression": "gzip", **_STORED_LEGACY}
