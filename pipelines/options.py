@@ -14,28 +14,7 @@ from tagbeam.flags import fraction, group, option, positive
 # Option tags (tagbeam.flags.option(tags=...)): what else an option is part of.
 PREDICT = "predict"  # pipelines.predict takes it too
 ACCEPTANCE = "acceptance"  # it decides which sources are accepted: a dataset's image fingerprint holds it (reuse)
-MANIFEST_FORMATS = ("movie_genre", "planet", "voc", "generic")
 PREDICTION_FORMATS = ("csv", "jsonl", "parquet")
-
-
-@group
-class ManifestOptions:
-    """Input: the manifest and its layout."""
-
-    input: str = option(tags=[PREDICT], help="manifest file, glob or gs:// URI; for VOC the VOC2012 root folder")
-    format: str = option("auto", tags=[PREDICT], choices=("auto", *MANIFEST_FORMATS),
-                         help="auto: MovieGenre header -> movie_genre, image_name,tags -> planet, a folder with "
-                              "Annotations/ -> voc, any other CSV/JSONL/Parquet -> generic")
-    uri_column: str = option("uri", tags=[PREDICT], help="generic manifests: the image URI column")
-    labels_column: str = option("labels", help="generic manifests: the labels column, a list or a string split by "
-                                               "--label_delimiter")
-    id_column: str | None = option(None, tags=[PREDICT], help="generic manifests: the id column (default: the URI as written)")
-    label_delimiter: str = option("|", help="generic manifests: separator of labels in a string cell")
-    image_root: str | None = option(None, tags=[PREDICT], help="Planet image folder, gs:// or http(s):// prefix (default: train-jpg/ "
-                                               "next to the manifest)")
-    image_ext: str = option("jpg", tags=[PREDICT], help="Planet image extension (jpg or tif)")
-    voc_image_set: str | None = option(None, tags=[PREDICT], help="VOC: use ImageSets/Main/<set>.txt (e.g. train, val, trainval); "
-                                                  "default all annotations")
 
 
 @group

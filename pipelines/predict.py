@@ -29,8 +29,8 @@ from pipelines import cli, dataset_info, fetch, images, manifests
 from pipelines.examples import decoded_or_rejection, fetch_rows
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
-from pipelines.manifests import Row
-from pipelines.options import PREDICT, ManifestOptions, OutputOptions, PredictOptions
+from pipelines.manifests import ManifestOptions, Row
+from pipelines.options import PREDICT, OutputOptions, PredictOptions
 from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, rejected
 from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection, StoredImages

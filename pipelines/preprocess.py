@@ -35,7 +35,8 @@ from pipelines import cli, dataset_info, manifests, reuse, vocabulary
 from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
-from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
+from pipelines.manifests import ManifestOptions
+from pipelines.options import LabelOptions, OutputOptions, SplitOptions
 from pipelines.outcomes import (
     COUNTER_NAMESPACE,
     REJECTED_TAG,

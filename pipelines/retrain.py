@@ -31,7 +31,8 @@ from pipelines import health
 from pipelines.fetch import FetchOptions
 from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
-from pipelines.options import LabelOptions, ManifestOptions, SplitOptions
+from pipelines.manifests import ManifestOptions
+from pipelines.options import LabelOptions, SplitOptions
 from pipelines.reuse import ReuseOptions
 from tagbeam import console, dataset, export as model_files, flags, storage
 from tagbeam.dataset import DATASET_JSON

@@ -168,11 +168,12 @@ def test_help_says_each_default_once():
 
 
 def test_docs_options_md_is_generated_from_the_declarations():
-    assert options_reference.PATH.read_text() == options_reference.render(), (
+    rendered = options_reference.render()
+    assert options_reference.PATH.read_text() == rendered, (
         "docs/options.md is stale: run `python -m pipelines.options_reference`")
     for group in GROUPS:
         for o in flags.declared(group):
-            assert f"`--{o.flag}`" in options_reference.render()
+            assert f"`--{o.flag}`" in rendered
 
 
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.__name__)
