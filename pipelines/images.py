@@ -40,7 +40,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pipelines.options import PREDICT
 from tagbeam.dataset import DRAFT_MARGIN
 from tagbeam.flags import group, in_range, option, positive
-from tagbeam.stored import IMAGE_FORMATS, JPEG_SUBSAMPLINGS, MAX_IMAGE_SIZE, PNG_COMPRESS_LEVEL, RESIZE_POLICIES, StoredImages
+from tagbeam.stored import IMAGE_FORMATS, JPEG_SUBSAMPLINGS, MAX_IMAGE_SIZE, RESIZE_POLICIES, StoredImages
 
 
 # Pillow's JPEG opener also returns the multi-picture JPEGs ("MPO") that many phones write.
@@ -125,7 +125,7 @@ def identity(options: ImageOptions) -> dict[str, Any]:
     import tifffile
 
     return {"options": dataclasses.asdict(options), "code": IMAGE_CODE_VERSION, "draft_margin": DRAFT_MARGIN,
-            "png_compress_level": PNG_COMPRESS_LEVEL, "stretch_percentiles": list(_STRETCH_PERCENTILES),
+            **StoredImages.codec_identity(), "stretch_percentiles": list(_STRETCH_PERCENTILES),
             "pillow": PIL.__version__, "numpy": np.__version__, "tifffile": tifffile.__version__}
 
 

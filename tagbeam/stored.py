@@ -85,6 +85,12 @@ class StoredImages:
         except ValueError as err:
             raise error(str(err)) from None
 
+    @staticmethod
+    def codec_identity() -> dict[str, Any]:
+        """What of the encoder decides the stored bytes beyond a StoredImages' own values: part of a
+        dataset's image fingerprint (pipelines.images.identity), so a change here is never reused."""
+        return {"png_compress_level": PNG_COMPRESS_LEVEL}
+
     # --- Pillow: what the pipeline writes ---------------------------------------------------------
 
     def encode(self, image: "Image.Image") -> bytes:
