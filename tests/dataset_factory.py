@@ -6,7 +6,6 @@ few epochs reach a clearly non-trivial F1.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Mapping, Sequence
@@ -14,6 +13,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
+from image_factory import encode
 
 # (shape, RGB) per label index; labels beyond this list reuse shapes with other colours.
 _STYLES = [
@@ -46,15 +46,6 @@ def _draw(rng: np.random.Generator, size: int, present: np.ndarray) -> Image.Ima
             draw.rectangle((x0 + third, y0, x0 + 2 * third, y0 + extent), fill=colour)
             draw.rectangle((x0, y0 + third, x0 + extent, y0 + 2 * third), fill=colour)
     return image
-
-
-def _encode(image: Image.Image, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=95)
-    else:
-        image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def _example(example_id: str, encoded: bytes, multi_hot: np.ndarray) -> bytes:
@@ -95,7 +86,8 @@ def write_dataset(
         options = tf.io.TFRecordOptions(compression_type="GZIP")
         writers = [tf.io.TFRecordWriter(os.path.join(root, name), options) for name in files]
         for row in range(count):
-            encoded = _encode(_draw(rng, image_size, present[row]), image_format)
+            image = _draw(rng, image_size, present[row])
+            encoded = encode(image, "JPEG", quality=95) if image_format == "jpeg" else encode(image, "PNG")
             writers[row % n_shards].write(_example(f"{split}-{row}", encoded, present[row].astype(np.int64)))
         for writer in writers:
             writer.close()
@@ -116,7 +108,7 @@ def write_dataset(
         "image_size": image_size,
         "image_format": image_format,
         "jpeg_quality": 95,
-        "jpeg_subsampling": "4:2:0",  # Pillow's default, what _encode writes
+        "jpeg_subsampling": "4:2:0",  # Pillow's default, what encode writes
         "shard_compression": "gzip",  # the pipeline's option; its default "none" is tested in test_preprocess
         "resize_policy": "squash",
         "splits": splits,

@@ -2,7 +2,6 @@
 emulator. Each pipeline run is a module-scoped fixture shared by several tests."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -10,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from fault_server import FaultServer, Response, redirect
-from PIL import Image
 
 from dataset_factory import label_names, read_examples
 from pipelines import preprocess, shards
 from sample_data.hostile import png_header
 from pipelines.splits import split_of
+from image_factory import noise_image
+from job_runs import preprocess as run
 
 IMAGE_SIZE = 32
 # Small time-outs and one retry keep the fault run fast; 0.004 MiB shards force several shards.
@@ -29,22 +28,11 @@ TARGET_SHARD_MB = 0.004
 
 
 def jpeg(seed: int, size: tuple[int, int] = (48, 36)) -> bytes:
-    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=90)
-    return out.getvalue()
+    return noise_image(seed, size, "JPEG", quality=90)
 
 
 def png_rgba(seed: int) -> bytes:
-    pixels = (np.random.default_rng(seed).random((30, 50, 4)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGBA").save(out, "PNG")
-    return out.getvalue()
-
-
-def run(argv: list[str]) -> dict:
-    args, pipeline_args = preprocess.parse_args(argv)
-    return preprocess.run(args, pipeline_args)
+    return noise_image(seed, (50, 30), "PNG", mode="RGBA")
 
 
 def read_rejected(folder: str, info: dict) -> dict[str, dict]:

@@ -23,6 +23,7 @@ from PIL import Image, ImageOps
 from trainer.model import NonEmptyBatch
 from tagbeam.dataset import StoredImages
 from trainer.serving import export_model, preprocess_image_bytes
+from image_factory import encode
 
 LABELS = ["cat", "coffee", "outdoor", "person"]
 SIZE = 64  # small: the tiny backbone accepts any size, and serving cost is not under test here
@@ -32,12 +33,6 @@ CROP_PNG = StoredImages(SIZE, "png", "crop", 95, "4:2:0")  # what the exports he
 def _png(size: int, policy: str) -> StoredImages:
     """Stored as PNG: serving's pixels without a JPEG round trip."""
     return StoredImages(size, "png", policy, 95, "4:2:0")
-
-
-def _encode(array: np.ndarray, fmt: str, **options) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, fmt, **options)
-    return out.getvalue()
 
 
 def build_model(backbone: str, num_labels: int, image_size: int) -> tf_keras.Model:
@@ -59,8 +54,8 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     model = build_model(write_backbone(str(root / "backbone")), len(LABELS), SIZE)
     images = {
-        "chelsea.jpg": _encode(skimage.data.chelsea(), "JPEG", quality=90),
-        "coffee.png": _encode(skimage.data.coffee(), "PNG"),
+        "chelsea.jpg": encode(skimage.data.chelsea(), "JPEG", quality=90),
+        "coffee.png": encode(skimage.data.coffee(), "PNG"),
     }
     batch = tf.constant(list(images.values()))
     probs = tf.sigmoid(model(preprocess_image_bytes(batch, CROP_PNG))).numpy()
@@ -179,8 +174,8 @@ def test_versions_increase_and_are_never_overwritten(exported, tmp_path):
 def test_preprocess_batches_mixed_formats_and_rejects_bad_input():
     photo = skimage.data.astronaut()[::4, ::4]
     grey_alpha = np.dstack([photo[..., 0], np.full(photo.shape[:2], 128, np.uint8)])
-    batch = [_encode(photo, "JPEG"), _encode(photo, "PNG"), _encode(photo, "GIF"), _encode(photo, "BMP"),
-             _encode(grey_alpha, "PNG")]
+    batch = [encode(photo, "JPEG"), encode(photo, "PNG"), encode(photo, "GIF"), encode(photo, "BMP"),
+             encode(grey_alpha, "PNG")]
     out = preprocess_image_bytes(tf.constant(batch), _png(32, "pad"))
     assert out.shape == (5, 32, 32, 3) and out.dtype == tf.uint8  # the 8-bit pixels a dataset stores
     assert int(tf.reduce_max(out[:4])) > 200
@@ -208,7 +203,7 @@ def _with_exif_orientation(jpeg: bytes, orientation: int, big_endian: bool) -> b
 
 def test_exif_orientation_is_applied_like_pillow():
     photo = skimage.data.chelsea()[::2, ::3]  # 150 x 151: not square, so a wrong rotation shows
-    plain = _encode(photo, "JPEG", quality=92)
+    plain = encode(photo, "JPEG", quality=92)
     cases = [(o, big) for o in range(1, 9) for big in (False, True)]
     batch = [_with_exif_orientation(plain, o, big) for o, big in cases]
     got = preprocess_image_bytes(tf.constant(batch), _png(48, "squash")).numpy()
