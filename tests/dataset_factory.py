@@ -15,6 +15,8 @@ import tensorflow as tf
 from PIL import Image, ImageDraw
 from image_factory import encode
 
+from tagbeam.dataset import to_example
+
 # (shape, RGB) per label index; labels beyond this list reuse shapes with other colours.
 _STYLES = [
     ("ellipse", (230, 40, 40)),
@@ -48,15 +50,6 @@ def _draw(rng: np.random.Generator, size: int, present: np.ndarray) -> Image.Ima
     return image
 
 
-def _example(example_id: str, encoded: bytes, multi_hot: np.ndarray) -> bytes:
-    feature = {
-        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-        "labels": tf.train.Feature(int64_list=tf.train.Int64List(value=multi_hot.tolist())),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def write_dataset(
     root: str,
     n_per_split: Mapping[str, int],
@@ -88,7 +81,8 @@ def write_dataset(
         for row in range(count):
             image = _draw(rng, image_size, present[row])
             encoded = encode(image, "JPEG", quality=95) if image_format == "jpeg" else encode(image, "PNG")
-            writers[row % n_shards].write(_example(f"{split}-{row}", encoded, present[row].astype(np.int64)))
+            writers[row % n_shards].write(to_example(f"{split}-{row}", encoded, np.flatnonzero(present[row]).tolist(),
+                                                     num_labels))
         for writer in writers:
             writer.close()
         splits[split] = {
