@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines.cli import LOCAL_RUNNER
+from pipelines.options import ManifestOptions
 from tagbeam import storage
 from tagbeam.flags import UsageError
 
@@ -153,6 +154,12 @@ def workers_elsewhere(options: PipelineOptions) -> str | None:
     return None
 
 
+def manifest_paths(manifest: ManifestOptions) -> dict[str, str | None]:
+    """The manifest's paths that the workers read (an http(s):// --image_root is fetched, not opened)."""
+    web = manifest.image_root and _scheme(manifest.image_root) in WEB_SCHEMES
+    return {"--input": manifest.input, "--image_root": None if web else manifest.image_root}
+
+
 def check_paths(options: PipelineOptions, workers_read: Mapping[str, str | None],
                 read_here: Mapping[str, str | None] | None = None) -> str | None:
     """Checks the paths a job is given, by flag, before any work; raises UsageError for the first
@@ -160,8 +167,7 @@ def check_paths(options: PipelineOptions, workers_read: Mapping[str, str | None]
     `read_here` only by this process. Returns workers_elsewhere(options)."""
     given = {flag: path for flag, path in {**workers_read, **(read_here or {})}.items() if path}
     for flag, path in given.items():
-        if _scheme(path) not in WEB_SCHEMES:
-            check_scheme(flag, path)
+        check_scheme(flag, path)
     elsewhere = workers_elsewhere(options)
     local = [(flag, path) for flag, path in workers_read.items() if path and not storage.is_remote(path)]
     if elsewhere and local:
