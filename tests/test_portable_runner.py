@@ -24,6 +24,7 @@ from test_predict import _with_bad_rows, exported, posters  # noqa: F401 - fixtu
 # TFT's SavedModel graph names its functions with process-wide counters (`__inference_..._626`)
 # and holds the run's temporary folder: it differs between any two runs, even on one runner. Its
 # vocabulary, variables and schema are compared byte for byte.
+LAUNCH = Path(__file__).resolve().parents[1] / "deploy" / "portable" / "launch.sh"
 _RUN_DEPENDENT = {"transform_output/transform_fn/saved_model.pb", "transform_output/transform_fn/fingerprint.pb"}
 
 
@@ -82,14 +83,23 @@ def runs(tmp_path_factory, posters, exported, worker_pool) -> dict[str, Path]:  
     address, log = worker_pool
     outputs = {}
     for name, runner_args in (("fnapi", []), ("portable", _portable(address))):
-        before = _workers_started(log)
         data, predicted = tmp / f"{name}-dataset", tmp / f"{name}-predictions"
-        assert preprocess.main(["--input", manifest, "--output", str(data), "--allow_local_files",
-                                "--image_size", "32", "--target_shard_mb", "0.02", *runner_args]) == 0
+        job = ["--input", manifest, "--output", str(data), "--allow_local_files", "--image_size", "32",
+               "--target_shard_mb", "0.02"]
+        if runner_args:  # through deploy/portable/launch.sh, the cluster launcher, with an embedded job service
+            env = {**os.environ, "PYTHON": sys.executable, "JOB_ENDPOINT": "embed", "TEMP_LOCATION": str(tmp),
+                   "ENVIRONMENT_TYPE": "EXTERNAL", "ENVIRONMENT_CONFIG": address}
+            done = subprocess.run([str(LAUNCH), "preprocess", *job], env=env, capture_output=True, text=True,
+                                  timeout=300, check=False)
+            assert done.returncode == 0, done.stderr[-3000:]
+        else:
+            assert preprocess.main(job) == 0
+        started = _workers_started(log)
         assert predict.main(["--input", manifest, "--model", exported[0], "--output", str(predicted),
                              "--allow_local_files", "--batch_size", "8", *runner_args]) == 0
-        # The portable runs' work happened in the pool's workers, not in this process.
-        assert (_workers_started(log) > before) == bool(runner_args), log.read_text(errors="replace")[-2000:]
+        # Each portable job's work happened in workers of the pool, not in this process.
+        assert _workers_started(log) - started == (1 if runner_args else 0)
+        assert started == (1 if runner_args else 0), log.read_text(errors="replace")[-2000:]
         outputs[f"{name}-dataset"], outputs[f"{name}-predictions"] = data, predicted
     return outputs
 
