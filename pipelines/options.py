@@ -83,7 +83,7 @@ class SplitOptions:
 class OutputOptions:
     """Output."""
 
-    output: str = option(help="folder to write (local or gs://)")
+    output: str = option(help="folder to write: local (where the workers run here), gs:// or another Beam file system they share")
     overwrite: bool = option(False, help="replace what a previous run of this job wrote in --output")
 
 
