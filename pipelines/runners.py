@@ -40,7 +40,7 @@ _CLIENTS = {"gs": "google-cloud-storage", "s3": "boto3", "azfs": "azure-storage-
 # What else a scheme needs besides its library, from Beam's own options.
 _SETUP = {"hdfs": "and --hdfs_host/--hdfs_port/--hdfs_user (Beam's HadoopFileSystemOptions)"}
 # Paths in these schemes are fetched over the web (pipelines/fetch.py), not through Beam's file systems.
-WEB_SCHEMES = ("http", "https")
+_WEB_SCHEMES = ("http", "https")
 
 
 def _scheme(path: str) -> str:
@@ -156,7 +156,7 @@ def workers_elsewhere(options: PipelineOptions) -> str | None:
 
 def manifest_paths(manifest: ManifestOptions) -> dict[str, str | None]:
     """The manifest's paths that the workers read (an http(s):// --image_root is fetched, not opened)."""
-    web = manifest.image_root and _scheme(manifest.image_root) in WEB_SCHEMES
+    web = manifest.image_root and _scheme(manifest.image_root) in _WEB_SCHEMES
     return {"--input": manifest.input, "--image_root": None if web else manifest.image_root}
 
 
