@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset
+from job_runs import train as run_trainer
 from trainer import data, model as model_lib, task
 from trainer.evaluation import evaluate
 from trainer.serving import preprocess_image_bytes
@@ -243,9 +244,9 @@ def test_empty_val_and_test_splits_degrade_with_warnings_under_vertex_variables(
     monkeypatch.setenv("AIP_CHECKPOINT_DIR", str(tmp_path / "vertex_checkpoints"))
     monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", str(tmp_path / "vertex_logs"))
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        outcome = task.run(*task.parse_args([
+        outcome = run_trainer([
             "--data_dir", root, "--hub_handle", tiny_backbone, "--epochs", "2", "--batch_size", "16", "--seed", "0",
-        ]))
+        ])
     assert outcome.run_info["thresholds_tuned_on"] == "train" and outcome.metrics is None
     assert "thresholds are tuned on the TRAIN split" in caplog.text and "skipping test evaluation" in caplog.text
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
@@ -278,11 +279,11 @@ def test_mixed_precision_fine_tunes_on_cpu_and_exports_float32(precision, tiny_b
     try:
         # A hidden layer (16-bit under the policy) and fine-tuning: the warm start on cached features,
         # then backbone + head with both optimizers, loss-scaled under mixed_float16.
-        outcome = task.run(*task.parse_args([
+        outcome = run_trainer([
             "--data_dir", small_dataset, "--model_dir", model_dir, "--hub_handle", tiny_backbone, "--seed", "3",
             "--precision", precision, "--hidden_units", "8", "--fine_tune_layers", "2", "--epochs", "2",
             "--warm_start_epochs", "3", "--batch_size", "16", "--learning_rate", "0.01",
-        ]))
+        ])
         model = outcome.result.model
         assert tf_keras.mixed_precision.global_policy().name == precision
         hidden = model.get_layer("head").get_layer("hidden")
