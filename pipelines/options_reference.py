@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pipelines.options import ACCEPTANCE
 from pipelines.predict import PredictJob
 from pipelines.preprocess import PreprocessJob
 from pipelines.retrain import RetrainJob
@@ -26,8 +27,13 @@ one of Beam's pipeline options (`--runner`, `--project`, ...).
 """
 
 
+# What an option's tag means to a user.
+TAG_NOTES = {ACCEPTANCE: "decides which images are accepted, so, like every image option, it is part of a dataset's "
+                         "image fingerprint: --reuse_dataset reuses only a dataset made with the same value"}
+
+
 def render() -> str:
-    return _HEADER + flags.reference(ENTRY_POINTS)
+    return _HEADER + flags.reference(ENTRY_POINTS, TAG_NOTES)
 
 
 def main() -> int:

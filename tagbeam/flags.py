@@ -377,9 +377,10 @@ def _shown_default(o: Declared) -> str:
     return f"`{o.default:g}`" if o.kind is float else f"`{o.default}`"
 
 
-def reference(entry_points: dict[str, type]) -> str:
+def reference(entry_points: dict[str, type], tag_notes: dict[str, str] | None = None) -> str:
     """The option reference of `entry_points` (entry point -> its job dataclass), in Markdown: which
-    entry point takes which group, then every group's options with type, default and help."""
+    entry point takes which group, then every group's options with type, default and help (and, for
+    an option declared with a tag in `tag_notes`, that note)."""
     groups: dict[type, dict[str, str]] = {}
     for entry_point, job in entry_points.items():
         for p in parts(job):
@@ -401,7 +402,8 @@ def reference(entry_points: dict[str, type]) -> str:
         for o in declared(cls):
             kind = "one of " + ", ".join(f"`{c}`" for c in o.choices) if o.choices else o.kind.__name__
             flag = ", ".join(f"`--{n}`" for n in (o.flag, *o.aliases))
-            lines.append(f"| {flag} | {kind} | {_cell(_shown_default(o))} | {_cell(o.help)} |")
+            notes = "".join(f" ({note})" for tag, note in (tag_notes or {}).items() if tag in o.tags)
+            lines.append(f"| {flag} | {kind} | {_cell(_shown_default(o))} | {_cell(o.help + notes)} |")
     return "\n".join(lines) + "\n"
 
 
