@@ -64,7 +64,7 @@ setuptools.setup(
         "Programming Language :: Python :: 3.13",
     ],
     packages=setuptools.find_packages(include=["tagbeam", "tagbeam.*", "pipelines", "pipelines.*", "trainer", "trainer.*"]),
-    package_data={"trainer": ["imagenet_classes.txt"]},
+    package_data={"trainer": ["imagenet_classes.txt"], "tagbeam": ["page_assets/*"]},
     install_requires=REQUIRED,
     extras_require=EXTRAS,
 )
