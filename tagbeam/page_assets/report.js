@@ -333,7 +333,7 @@
     box.append(definitions(s.facts));
     box.append(el("h3", {}, "Rejected rows by reason"));
     if (!s.rejected.length) box.append(el("p", {}, "No row was rejected."));
-    else box.append(table(["reason", "rows", "examples"], s.rejected.map((r) => ({ cells: [r.reason, r.count, r.examples.join("; ")] })), { nameColumns: 1 }));
+    else box.append(table(["reason", "rows", "examples"], s.rejected.map((r) => ({ cells: [r.reason, r.count, r.examples.join("; ")] })), { nameColumns: 3 }));
     root.append(box);
     const dist = el("section", { id: "distributions" }, el("h2", {}, "Scores and predicted labels"));
     dist.append(el("p", {}, `Per label: the histogram of scores over ${s.scored} scored row(s) (${d.bins} bins from 0 to 1), and how often it was predicted at its threshold.`));
