@@ -177,3 +177,36 @@ def test_evaluation_reads_the_test_split_in_the_scored_order(trained) -> None:
     assert scored.scores.shape == (info.split("test").examples, len(LABELS))
     # The kept scores are the ones metrics.json was computed from.
     assert json.load(open(os.path.join(trained, model_files.METRICS_JSON)))["at_tuned"] == expected["at_tuned"]
+
+
+def test_night_pages_keep_hostile_labels_as_text_and_say_why_a_night_stopped(tmp_path, browser) -> None:
+    from pipelines import night_report
+    from tagbeam.workspace import Workspace
+
+    workspace = Workspace(str(tmp_path / "ws"))
+    metrics = [{"per_label": {HOSTILE: {"support": 3, "average_precision": 0.5, "at_tuned": {"f1": 0.4}},
+                              QUOTED: {"support": 0, "average_precision": None, "at_tuned": {"f1": 0.0}}}},
+               {"per_label": {HOSTILE: {"support": 3, "average_precision": 0.7, "at_tuned": {"f1": 0.6}},
+                              QUOTED: {"support": 0, "average_precision": None, "at_tuned": {"f1": 0.0}}}}]
+    night_report.save_comparison(workspace, "night-1", 12, metrics)
+    decision = {"metric": "macro_f1", "reason": "challenger 0.2000 is worse", "challenger": {"value": 0.2},
+                "champion": {"value": 0.3}}
+    records = [{"run_id": "night-1", "time": "t1", "step": "all", "outcome": "refused", "decision": decision,
+                "health": {"passed": True, "failures": [], "numbers": {"examples": 40}}},
+               {"run_id": "night-2", "time": "t2", "step": "all", "outcome": "failed", "reason": "data health check failed",
+                "health": {"passed": False, "failures": ["rejected share 0.400 vs 0.000"], "numbers": {"examples": 10}}}]
+    for record in records:
+        workspace.append_history(record)
+        night_report.write_logged(workspace, record["run_id"], record)
+
+    problems, requests = load(browser, os.path.join(workspace.run_dir("night-1"), "report.html"))
+    assert problems == [] and requests == []
+    (row, quiet) = browser.find_elements("css selector", "table.comparison tbody tr")
+    assert row.find_elements("tag name", "td")[0].text == HOSTILE and "worse" in row.get_attribute("class")
+    assert quiet.get_attribute("class") in (None, "") and "n/a" in quiet.text
+    assert browser.execute_script("return document.querySelectorAll('img').length") == 0
+    problems, _ = load(browser, os.path.join(workspace.run_dir("night-2"), "report.html"))
+    body = browser.find_element("tag name", "body").text
+    assert problems == [] and "The data-health gate refused this night" in body and "rejected share 0.400" in body
+    problems, _ = load(browser, os.path.join(workspace.root, "index.html"))
+    assert problems == [] and [a.text for a in browser.find_elements("css selector", "tbody a")] == ["night-2", "night-1"]
