@@ -63,9 +63,9 @@ def night_page(workspace: Workspace, run_id: str, record: Mapping[str, Any]) -> 
     if record.get("seconds") is not None:
         facts.append(["took", f"{record['seconds']} s"])
     health = record.get("health") or {}
-    figures = [[key, value] for key, value in (health.get("numbers") or {}).items() if not isinstance(value, dict)]
-    figures += [[f"champion's {key}", value] for key, value in ((health.get("numbers") or {}).get("champion") or {}).items()]
-    figures += [[key, value] for key, value in (record.get("data") or {}).items() if not isinstance(value, dict)]
+    numbers = {**(record.get("data") or {}), **(health.get("numbers") or {})}
+    figures = [[key, value] for key, value in numbers.items() if not isinstance(value, dict)]
+    figures += [[f"champion's {key}", value] for key, value in (numbers.get("champion") or {}).items()]
     health_note = None
     if health and not health.get("passed", True):
         health_note = ("The data-health gate refused this night, so nothing was trained and the champion is unchanged: "
