@@ -210,3 +210,10 @@ def test_night_pages_keep_hostile_labels_as_text_and_say_why_a_night_stopped(tmp
     assert problems == [] and "The data-health gate refused this night" in body and "rejected share 0.400" in body
     problems, _ = load(browser, os.path.join(workspace.root, "index.html"))
     assert problems == [] and [a.text for a in browser.find_elements("css selector", "tbody a")] == ["night-2", "night-1"]
+
+
+def test_a_page_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog) -> None:
+    # Not a model folder: building fails; at the end of a training run that must only be logged.
+    with caplog.at_level("ERROR", logger="trainer.report"):
+        assert report.write_logged(str(tmp_path)) is None
+    assert "could not write report.html" in caplog.text and "python -m trainer.report --model_dir" in caplog.text
