@@ -176,3 +176,23 @@ def test_a_corrupt_export_is_one_error_line_before_any_work(posters, exported, t
     (line,) = [line for line in err.splitlines() if line.startswith("error:")]
     assert f"--model {broken} cannot be loaded" in line and "trainer.task" in line
     assert not out.exists()
+
+
+def test_a_manifest_without_labels_is_predicted_not_scored_and_a_missing_labels_column_is_an_error(
+        posters, exported, tmp_path, capsys):
+    export_base, _ = exported
+    with open(os.path.join(posters, "MovieGenre-heldout.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:6]
+    manifest = tmp_path / "plain.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["uri"], *[[os.path.join(posters, r["Poster"])] for r in rows]])
+    out = tmp_path / "out"
+    assert predict.main(["--input", str(manifest), "--model", export_base, "--output", str(out),
+                         "--allow_local_files"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 6 and "metrics" not in summary
+    assert "The manifest has no labels" in (out / "summary.html").read_text()
+    code = predict.main(["--input", str(manifest), "--model", export_base, "--output", str(tmp_path / "other"),
+                         "--allow_local_files", "--labels_column", "tags"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing column(s) tags" in err
