@@ -120,8 +120,8 @@ def cam_unavailable(backbone: Any, hidden_units: int) -> str | None:
                 "score is not a weighted sum of the backbone's spatial features; maps are exact only for the default linear head.")
     if not hasattr(backbone.loaded, model_files.BACKBONE_SPATIAL_FUNCTION):
         return (f"No class activation maps: the backbone {backbone.handle} exposes no "
-                f"`{model_files.BACKBONE_SPATIAL_FUNCTION}` function (its feature map before pooling); "
-                "the embedded backbones do, most TF Hub feature vectors do not.")
+                f"`{model_files.BACKBONE_SPATIAL_FUNCTION}` function (its feature map before pooling), which the maps "
+                "need; most TF Hub feature vectors have none.")
     return None
 
 
@@ -259,11 +259,11 @@ def _training_sentence(run: model_files.RunInfo | None) -> str:
     from trainer.config import DEFAULT_EPOCHS
 
     maximum = limit or DEFAULT_EPOCHS.get(run.training_path)
-    stop = ("reached the maximum of %d epochs" % maximum if maximum and epochs >= maximum
+    stop = (f"the maximum of {maximum} epochs reached" if maximum and epochs >= maximum
             else "early stopping (the monitored loss stopped improving)")
     seconds = run.timings.get("total_s")
     took = f"{seconds:.0f} s" if seconds is not None else "unknown time"
-    return f"{took}, {epochs} epoch(s) on the {run.training_path} path, {run.num_replicas_in_sync} replica(s); stopped by {stop}"
+    return f"{took}, {epochs} epoch(s) on the {run.training_path} path, {run.num_replicas_in_sync} replica(s); stopped by: {stop}"
 
 
 def build(model_dir: str) -> tuple[str, list[str]]:

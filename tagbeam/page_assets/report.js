@@ -158,7 +158,7 @@
     if (ev.gallery_note) out.append(note(ev.gallery_note));
     const toggle = el("input", { type: "checkbox", id: "show-cams", checked: "checked" });
     toggle.addEventListener("change", () => document.body.classList.toggle("hide-cams", !toggle.checked));
-    out.append(el("p", {}, el("label", {}, toggle, " show where the model looked (class activation maps) over the gallery images")));
+    if (!ev.cam_note) out.append(el("p", {}, el("label", {}, toggle, " show where the model looked (class activation maps) over the gallery images")));
     const open = ev.labels.length <= 30;
     ev.per_label.forEach((label, k) => {
       const details = el("details", { class: "label", id: `label-${k}`, "data-label-index": k, open: open ? "open" : null },
