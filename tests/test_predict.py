@@ -136,6 +136,7 @@ def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_p
     assert len(photos) >= 24  # the sample of predictions, and the error gallery
     for image in photos:
         assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+    assert not browser.find_elements("css selector", ".missing")  # the combiner kept every gallery row's picture
     for k, label in enumerate(labels):
         curves = browser.find_elements("css selector", f"#label-{k} svg.pr-curve polyline")
         assert len(curves) == (1 if truth[:, k].any() else 0), label

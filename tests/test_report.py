@@ -217,3 +217,19 @@ def test_a_page_that_cannot_be_written_is_logged_not_raised(tmp_path, caplog) ->
     with caplog.at_level("ERROR", logger="trainer.report"):
         assert report.write_logged(str(tmp_path)) is None
     assert "could not write report.html" in caplog.text and "python -m trainer.report --model_dir" in caplog.text
+
+
+def test_maps_that_cannot_be_computed_cost_the_maps_not_the_scores(trained, tmp_path) -> None:
+    info = dataset.read(os.path.join(os.path.dirname(trained), "ds"))
+    scored = _scored(trained)
+    _, thresholds = model_files.parse_thresholds_json(open(os.path.join(trained, model_files.THRESHOLDS_JSON)).read())
+
+    def mismatched(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        raise ValueError("spatial features have 24 channels, the head takes 48 features")
+
+    out = str(tmp_path / "model")
+    report.save_evaluation(out, info, scored.scores, scored.truth, np.asarray(thresholds, np.float32), None, mismatched)
+    np.testing.assert_array_equal(_scored(out).scores, scored.scores)
+    assert os.listdir(os.path.join(out, model_files.THUMBNAILS_DIR)) and not os.path.exists(os.path.join(out, model_files.CAMS_DIR))
+    context = json.load(open(os.path.join(out, model_files.REPORT_CONTEXT_JSON)))
+    assert "computing them failed (ValueError: spatial features have 24 channels" in context["cam_note"]

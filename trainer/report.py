@@ -221,7 +221,13 @@ def save_evaluation(model_dir: str, info: Any, probs: np.ndarray, truth: np.ndar
         storage.write_bytes(storage.join(model_dir, model_files.THUMBNAILS_DIR, f"{row}.jpg"), thumbnail_jpeg(image))
     if cam_maker is not None and images:
         rows = sorted(images)
-        maps, _ = cam_maker(np.stack([images[r] for r in rows]))
+        try:
+            maps, _ = cam_maker(np.stack([images[r] for r in rows]))
+        except Exception as err:  # noqa: BLE001 - e.g. a backbone whose spatial features do not match its pooled ones
+            log.warning("no class activation maps: %s: %s", type(err).__name__, err)
+            cam_note = f"No class activation maps: computing them failed ({type(err).__name__}: {str(err)[:200]})."
+            cam_maker = None
+    if cam_maker is not None and images:
         shown = gallery_rows(scored, thresholds)
         for i, row in enumerate(rows):
             for k, groups in shown.items():
