@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines import health, night_report
+from pipelines import cli, health, night_report, runners
 from pipelines.fetch import FetchOptions
 from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
@@ -354,6 +354,13 @@ def _run_id(job: RetrainJob, workspace: Workspace) -> str:
     return _new_run_id()
 
 
+def check_paths(job: RetrainJob) -> None:
+    """The preprocess step's paths against the Beam options it is given, before any step runs (it
+    checks them again itself): its dataset folder is under --workspace."""
+    runners.check_paths(cli.pipeline_options(job.beam_args),
+                        {**runners.manifest_paths(job.manifest), "--workspace": job.retrain.workspace})
+
+
 def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
@@ -410,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a flag error already printed as one line
         return int(done.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    unusable = flags.run_main(lambda: check_paths(job))
+    if unusable:
+        return unusable
     try:
         return run(job)
     except StepError as e:
