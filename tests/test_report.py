@@ -233,3 +233,35 @@ def test_maps_that_cannot_be_computed_cost_the_maps_not_the_scores(trained, tmp_
     assert os.listdir(os.path.join(out, model_files.THUMBNAILS_DIR)) and not os.path.exists(os.path.join(out, model_files.CAMS_DIR))
     context = json.load(open(os.path.join(out, model_files.REPORT_CONTEXT_JSON)))
     assert "computing them failed (ValueError: spatial features have 24 channels" in context["cam_note"]
+
+
+def test_threshold_control_is_exact_above_the_kept_negatives_and_says_so_below(tmp_path, browser, monkeypatch) -> None:
+    from tagbeam import pages
+
+    monkeypatch.setattr(report, "MAX_NEGATIVE_SCORES", 10)  # the cap of a large test split, on a small one
+    rng = np.random.default_rng(4)
+    truth = rng.random((60, 1)) < 0.3
+    scores = np.where(truth, rng.beta(5, 2, truth.shape), rng.beta(2, 5, truth.shape)).astype(np.float32)
+    scored = report.Scored(np.array([f"r{i}" for i in range(60)]), truth, scores)
+    thresholds = np.array([0.5], np.float32)
+    metrics = evaluate(truth, scores, ["only"], thresholds)
+    section = report.evaluation_section(scored, ["only"], thresholds, metrics, {}, {}, None)
+    floor = section["per_label"][0]["neg_floor"]
+    assert floor is not None
+    page = str(tmp_path / "capped.html")
+    with open(page, "w") as f:
+        f.write(pages.render(pages.MODEL, "t", {"summary": {"model_dir": "m", "dataset": {"path": "d", "labels": ["only"]}},
+                                                "history": {}, "evaluation": section}))
+    assert load(browser, page)[0] == []
+    control = browser.find_element("css selector", "#label-0 input.thr-number")
+    out = browser.find_element("css selector", "#label-0 output.thr-out")
+    for value, exact in ((float(np.nextafter(np.float32(floor), np.float32(1))), True), (floor, False), (0.05, False)):
+        browser.execute_script("arguments[0].value = arguments[1]; arguments[0].dispatchEvent(new Event('input'))",
+                               control, repr(value))
+        at = evaluate(truth, scores, ["only"], np.array([value], np.float32))["per_label"]["only"]["at_tuned"]
+        if exact:
+            assert float(out.get_attribute("data-precision")) == pytest.approx(at["precision"], abs=1e-12)
+            assert "not exact" not in out.text
+        else:
+            assert float(out.get_attribute("data-recall")) == pytest.approx(at["recall"], abs=1e-12)  # positives all kept
+            assert "not exact" in out.text
