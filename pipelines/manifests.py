@@ -36,7 +36,6 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.fetch import FetchError, resolve_uri
-from pipelines.options import PREDICT
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, rejection
 from tagbeam.dataset import Rejection, check_label, unexpected
 from tagbeam import flags
@@ -637,19 +636,19 @@ MANIFEST_FORMATS = tuple(FORMATS)
 class ManifestOptions:
     """Input: the manifest and its layout."""
 
-    input: str = option(tags=[PREDICT], help="manifest file, glob or gs:// URI; for VOC the VOC2012 root folder")
-    format: str = option("auto", tags=[PREDICT], choices=("auto", *MANIFEST_FORMATS),
+    input: str = option(help="manifest file, glob or gs:// URI; for VOC the VOC2012 root folder")
+    format: str = option("auto", choices=("auto", *MANIFEST_FORMATS),
                          help="auto: MovieGenre header -> movie_genre, image_name,tags -> planet, a folder with "
                               "Annotations/ -> voc, any other CSV/JSONL/Parquet -> generic")
-    uri_column: str = option("uri", tags=[PREDICT], help="generic manifests: the image URI column")
+    uri_column: str = option("uri", help="generic manifests: the image URI column")
     labels_column: str = option("labels", help="generic manifests: the labels column, a list or a string split by "
                                                "--label_delimiter")
-    id_column: str | None = option(None, tags=[PREDICT], help="generic manifests: the id column (default: the URI as written)")
+    id_column: str | None = option(None, help="generic manifests: the id column (default: the URI as written)")
     label_delimiter: str = option("|", help="generic manifests: separator of labels in a string cell")
-    image_root: str | None = option(None, tags=[PREDICT], help="Planet image folder, gs:// or http(s):// prefix (default: train-jpg/ "
+    image_root: str | None = option(None, help="Planet image folder, gs:// or http(s):// prefix (default: train-jpg/ "
                                                "next to the manifest)")
-    image_ext: str = option("jpg", tags=[PREDICT], help="Planet image extension (jpg or tif)")
-    voc_image_set: str | None = option(None, tags=[PREDICT], help="VOC: use ImageSets/Main/<set>.txt (e.g. train, val, trainval); "
+    image_ext: str = option("jpg", help="Planet image extension (jpg or tif)")
+    voc_image_set: str | None = option(None, help="VOC: use ImageSets/Main/<set>.txt (e.g. train, val, trainval); "
                                                   "default all annotations")
 
 
