@@ -33,7 +33,7 @@ from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, SplitOptions
 from pipelines.reuse import ReuseOptions
-from tagbeam import console, dataset, export as model_files, flags, storage
+from tagbeam import console, dataset, export as model_files, flags, lease as leases, storage
 from tagbeam.dataset import DATASET_JSON
 from tagbeam.flags import UsageError, at_least, option, positive
 from tagbeam.workspace import Champion, Workspace
@@ -43,6 +43,8 @@ log = logging.getLogger("pipelines.retrain")
 
 ENTRY_POINT = "pipelines.retrain"
 STEPS = ("all", "preprocess", "check", "train", "promote")
+IF_HELD = ("skip", "wait", "fail")
+PROMOTE_ATTEMPTS = 5  # comparisons with a champion that keeps changing before the run gives up
 METRICS = ("macro_f1", "micro_f1", "macro_fbeta", "macro_average_precision")
 SCORING_BATCH = 64
 # The preprocess step's option groups, forwarded as given; --output, --overwrite, --vocab_file and
@@ -70,6 +72,11 @@ class RetrainOptions:
     keep_versions: int = option(5, check=positive, help="runs kept under runs/ (the champion's run is always kept)")
     full_rebuild: bool = option(False, help="fetch and decode every image again instead of reusing the stored images "
                                             "of the workspace's newest dataset for unchanged sources")
+    if_held: str = option("skip", choices=IF_HELD,
+                          help="when another live run holds the workspace: skip (exit 0; right for cron, the "
+                               "running night promotes), wait (up to --held_wait_s, then exit 1), or fail "
+                               "(exit 1); history.jsonl records it with the holder's run id")
+    held_wait_s: float = option(3600.0, check=positive, help="--if_held wait: how long to wait for the workspace")
     flags_json: str | None = option(None, help="more arguments of this command as a JSON list of strings, for "
                                                "orchestrators that pass one string (Vertex AI Pipelines)")
 
@@ -283,13 +290,10 @@ def decide(challenger: float, champion: float | None, tolerance: float, floor: f
     return True, f"challenger {challenger:.4f} >= champion {champion:.4f} - tolerance {tolerance:.4f}"
 
 
-def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> dict:
-    """Scores both models on this run's test split and moves champion.json if the gate passes."""
+def _compare(job: RetrainJob, workspace: Workspace, run_id: str, run_info: Any,
+             champion: Champion | None) -> dict:
+    """Scores challenger and champion on this run's test split and applies the gate."""
     gate = job.retrain
-    run_info = model_files.read_run_info(workspace.model_dir(run_id))
-    if run_info is None:
-        raise StepError(f"{workspace.model_dir(run_id)} has no finished training run (run.json with export_path): "
-                        "run the train step")
     exports = [run_info.export_path] + ([champion.export_path] if champion else [])
     examples, metrics = score_exports(workspace.dataset_dir(run_id), exports, job.train.beta)
     challenger_metrics = metrics[0]
@@ -299,7 +303,7 @@ def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: C
         champion_metrics = metrics[1]
         champion_value = gate_value(champion_metrics, gate.metric)
     promote, reason = decide(challenger, champion_value, gate.tolerance, gate.min_metric)
-    decision = {
+    return {
         "run_id": run_id,
         "metric": gate.metric,
         "test_examples": examples,
@@ -313,15 +317,33 @@ def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: C
         "promoted": promote,
         "reason": reason,
     }
-    storage.write_json(workspace.decision(run_id), decision)
-    if promote:
-        workspace.set_champion(Champion(
-            run_id=run_id, export_path=run_info.export_path,
-            labels_file=storage.join(workspace.model_dir(run_id), model_files.LABELS_TXT),
-            metric=gate.metric, value=challenger,
-            promoted_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")))
-    log.info("[promote] %s: %s", "PROMOTED" if promote else "refused", reason)
-    return decision
+
+
+def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, lease: leases.Lease) -> dict:
+    """Compares the challenger with the champion read now, under the lease, and replaces
+    champion.json only if it still is what was compared with (a compare-and-swap); a challenger
+    that lost a race is compared again with the new champion."""
+    run_info = model_files.read_run_info(workspace.model_dir(run_id))
+    if run_info is None:
+        raise StepError(f"{workspace.model_dir(run_id)} has no finished training run (run.json with export_path): "
+                        "run the train step")
+    for attempt in range(1, PROMOTE_ATTEMPTS + 1):
+        champion, version = workspace.champion_versioned()
+        decision = {**_compare(job, workspace, run_id, run_info, champion), "comparisons": attempt}
+        if decision["promoted"]:
+            lease.check()
+            new = Champion(run_id=run_id, export_path=run_info.export_path,
+                           labels_file=storage.join(workspace.model_dir(run_id), model_files.LABELS_TXT),
+                           metric=job.retrain.metric, value=decision["challenger"]["value"],
+                           promoted_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            if not workspace.replace_champion(new, version):
+                log.warning("[promote] champion.json changed while the models were compared (another run "
+                            "promoted): comparing again with the new champion")
+                continue
+        storage.write_json(workspace.decision(run_id), decision)
+        log.info("[promote] %s: %s", "PROMOTED" if decision["promoted"] else "refused", decision["reason"])
+        return decision
+    raise StepError(f"champion.json changed during each of {PROMOTE_ATTEMPTS} comparisons; nothing was promoted")
 
 
 def prune_runs(workspace: Workspace, keep: int, champion_run: str | None) -> list[str]:
@@ -353,17 +375,56 @@ def _run_id(job: RetrainJob, workspace: Workspace) -> str:
     return _new_run_id()
 
 
+def _hold(job: RetrainJob, workspace: Workspace, run_id: str) -> leases.Lease:
+    """The workspace's lease for this run (this step of it, under --step), per --if_held."""
+    def waiting(holder: leases.Holder, left: float) -> None:
+        log.info("[lease] the workspace is held by %s; waiting, %.0f s left of --held_wait_s", holder.describe(), left)
+
+    wait_s = job.retrain.held_wait_s if job.retrain.if_held == "wait" else 0.0
+    return leases.acquire(workspace.lease_file, run_id, wait_s, waiting)
+
+
+def _held(job: RetrainJob, workspace: Workspace, record: dict[str, Any], held: leases.Held) -> int:
+    """Records and reports a run that did not get the workspace."""
+    policy = job.retrain.if_held
+    record.update(held_by=held.holder.run_id, holder=held.holder.to_json(), waited_s=round(held.waited_s, 1))
+    if policy == "skip":
+        record.update(outcome="skipped", reason=f"{held}; nothing was done (--if_held skip)")
+        workspace.append_history(record)
+        print(f"[retrain] run {record['run_id']}: skipped: {record['reason']}; history {workspace.history_file}")
+        return 0
+    waited = f" after waiting {held.waited_s:.0f} s (--held_wait_s)" if policy == "wait" else " (--if_held fail)"
+    record.update(outcome="failed", reason=f"{held}{waited}")
+    workspace.append_history(record)
+    print(f"error: {record['reason']}; nothing was done, the champion is unchanged", file=sys.stderr)
+    return 1
+
+
 def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
     run_id = _run_id(job, workspace)
     if job.retrain.step in ("check", "train", "promote"):
         job = _with_recorded_options(job, workspace, run_id)
-    champion = workspace.champion()
     started = dt.datetime.now(dt.timezone.utc)
     record: dict[str, Any] = {"time": started.isoformat(timespec="seconds"), "run_id": run_id,
-                              "step": job.retrain.step, "input": job.manifest.input,
-                              "champion_before": champion and champion.run_id}
+                              "step": job.retrain.step, "input": job.manifest.input}
+    try:
+        lease = _hold(job, workspace, run_id)
+    except leases.Held as held:
+        return _held(job, workspace, record, held)
+    with lease:
+        if lease.took_over:
+            record["took_over_from"] = lease.took_over.run_id
+        if lease.waited_s >= 1:
+            record["waited_s"] = round(lease.waited_s, 1)
+        return _run_holding(job, workspace, run_id, lease, record, started)
+
+
+def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leases.Lease, record: dict[str, Any],
+                 started: dt.datetime) -> int:
+    champion = workspace.champion()
+    record["champion_before"] = champion and champion.run_id
     steps = STEPS[1:] if job.retrain.step == "all" else (job.retrain.step,)
     try:
         for step in steps:
@@ -375,9 +436,9 @@ def run(job: RetrainJob) -> int:
             elif step == "train":
                 _subprocess("train", train_argv(job, workspace, run_id))
             else:
-                record["decision"] = promote_step(job, workspace, run_id, champion)
+                record["decision"] = promote_step(job, workspace, run_id, lease)
     except Exception as e:  # noqa: BLE001 - every failure must be recorded before exiting non-zero
-        if not isinstance(e, StepError):
+        if not isinstance(e, (StepError, leases.LeaseLost)):
             log.exception("unexpected failure")
         record.update(outcome="failed", reason=f"{type(e).__name__}: {e}")
         report = storage.read_json_if_exists(workspace.health(run_id)) if "check" in steps else None

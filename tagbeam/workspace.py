@@ -7,8 +7,9 @@
     runs/<run_id>/health.json    the data-health gate's report (pipelines/health.py)
     runs/<run_id>/decision.json  the promotion decision
     features/                    backbone features of stored images, shared by the runs (trainer/features.py)
-    champion.json                the current model, replaced atomically
-    history.jsonl                one JSON record per run, for people
+    champion.json                the current model, replaced atomically and only by a compare-and-swap
+    history.jsonl                one JSON record per run (or skipped run), for people; appended whole
+    workspace.lease              the run holding the workspace, while it holds it (tagbeam/lease.py)
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ HEALTH_JSON = "health.json"
 RUN_DATASET_DIR = "dataset"
 RUN_MODEL_DIR = "model"
 FEATURES_DIR = "features"
+LEASE_FILE = "workspace.lease"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +85,23 @@ class Workspace:
     def history_file(self) -> str:
         return storage.join(self.root, HISTORY_JSONL)
 
-    def champion(self) -> Champion | None:
-        meta = storage.read_json_if_exists(self.champion_file)
-        return Champion.from_json(meta) if meta else None
+    @property
+    def lease_file(self) -> str:
+        return storage.join(self.root, LEASE_FILE)
 
-    def set_champion(self, champion: Champion) -> None:
-        storage.write_json(self.champion_file, champion.to_json())
+    def champion(self) -> Champion | None:
+        return self.champion_versioned()[0]
+
+    def champion_versioned(self) -> tuple[Champion | None, str]:
+        """The champion and the version of champion.json it was read from, for replace_champion."""
+        data, version = storage.read_versioned(self.champion_file)
+        return (Champion.from_json(json.loads(data)) if data else None), version
+
+    def replace_champion(self, champion: Champion, version: str) -> bool:
+        """Compare-and-swap: writes champion.json only if it still is at `version` (what the caller
+        compared with); False if another run replaced it meanwhile."""
+        text = json.dumps(champion.to_json(), indent=2) + "\n"
+        return storage.write_if_version(self.champion_file, text.encode("utf-8"), version) is not None
 
     def runs(self) -> list[str]:
         """Run ids, oldest first (they start with a UTC timestamp)."""
@@ -98,9 +111,8 @@ class Workspace:
         return sorted({path[len(prefix):].split("/", 1)[0] for path in found if path.startswith(prefix)} - {""})
 
     def append_history(self, record: Mapping[str, Any]) -> None:
-        # Object stores have no append: rewrite the (small) file as one atomic object.
-        old = storage.read_text(self.history_file) if storage.exists(self.history_file) else ""
-        storage.write_text(self.history_file, old + json.dumps(record, sort_keys=True) + "\n")
+        # Whole lines under concurrent writers, also runs that found the workspace held.
+        storage.append_line(self.history_file, json.dumps(record, sort_keys=True, default=str))
 
     def history(self) -> list[dict[str, Any]]:
         if not storage.exists(self.history_file):
