@@ -36,7 +36,7 @@ from pipelines.reuse import ReuseOptions
 from tagbeam import console, dataset, export as model_files, flags, lease as leases, storage
 from tagbeam.dataset import DATASET_JSON
 from tagbeam.flags import UsageError, at_least, option, positive
-from tagbeam.workspace import Champion, Workspace
+from tagbeam.workspace import PROMOTED, RESTORE_CHAMPION, Champion, StateError, Workspace, relative
 from trainer.config import TrainOptions
 
 log = logging.getLogger("pipelines.retrain")
@@ -77,6 +77,9 @@ class RetrainOptions:
                                "running night promotes), wait (up to --held_wait_s, then exit 1), or fail "
                                "(exit 1); history.jsonl records it with the holder's run id")
     held_wait_s: float = option(3600.0, check=positive, help="--if_held wait: how long to wait for the workspace")
+    restore_champion: bool = option(False, help="rebuild champion.json from history.jsonl (its newest promotion whose "
+                                                "model is still in the workspace), e.g. after it was cut short or "
+                                                "hand-edited, and exit; nothing is trained")
     flags_json: str | None = option(None, help="more arguments of this command as a JSON list of strings, for "
                                                "orchestrators that pass one string (Vertex AI Pipelines)")
 
@@ -149,7 +152,9 @@ def parse_args(argv: Sequence[str] | None) -> RetrainJob:
 
 def _with_recorded_options(job: RetrainJob, workspace: Workspace, run_id: str) -> RetrainJob:
     """A later step (train, promote) runs with the flags its run's first step recorded, then its own."""
-    recorded = storage.read_json_if_exists(workspace.run_options(run_id))
+    recorded = storage.read_state_json(workspace.run_options(run_id),
+                                       f"run {run_id}'s first step recorded its flags there; start the run again "
+                                       "from --step preprocess (with a new --run_id)", ("argv",))
     if not recorded:
         return job
     return parse_args([*recorded["argv"], *job.argv])
@@ -307,11 +312,12 @@ def _compare(job: RetrainJob, workspace: Workspace, run_id: str, run_info: Any,
         "run_id": run_id,
         "metric": gate.metric,
         "test_examples": examples,
-        "challenger": {"export_path": run_info.export_path, "value": challenger,
+        "challenger": {"export_path": relative(workspace.root, run_info.export_path), "value": challenger,
                        "macro_f1": challenger_metrics["at_tuned"]["macro_f1"],
                        "macro_average_precision": challenger_metrics["macro_average_precision"]},
         "champion": None if not champion else {
-            "run_id": champion.run_id, "export_path": champion.export_path, "value": champion_value,
+            "run_id": champion.run_id, "export_path": relative(workspace.root, champion.export_path),
+            "value": champion_value,
             "macro_f1": champion_metrics["at_tuned"]["macro_f1"],
             "macro_average_precision": champion_metrics["macro_average_precision"]},
         "promoted": promote,
@@ -329,6 +335,9 @@ def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
                         "run the train step")
     for attempt in range(1, PROMOTE_ATTEMPTS + 1):
         champion, version = workspace.champion_versioned()
+        if champion and not storage.exists(storage.join(champion.export_path, model_files.SAVED_MODEL_PB)):
+            raise StepError(f"{workspace.champion_file} names the model {champion.export_path}, which is gone: "
+                            f"{workspace.restore_hint}")
         decision = {**_compare(job, workspace, run_id, run_info, champion), "comparisons": attempt}
         if decision["promoted"]:
             lease.check()
@@ -400,9 +409,37 @@ def _held(job: RetrainJob, workspace: Workspace, record: dict[str, Any], held: l
     return 1
 
 
+def restore_champion(workspace: Workspace, run_id: str, lease: leases.Lease) -> int:
+    """--restore_champion: champion.json rebuilt from history.jsonl, under the lease."""
+    champion = workspace.champion_from_history()
+    if champion is None:
+        print(f"error: {workspace.history_file} records no promotion whose model is still in the workspace: nothing "
+              f"to restore; delete {workspace.champion_file} to let the next run promote without a champion",
+              file=sys.stderr)
+        return 1
+    _, version = storage.read_versioned(workspace.champion_file)  # whatever is there now, unreadable or not
+    lease.check()
+    if not workspace.replace_champion(champion, version):
+        raise StepError(f"{workspace.champion_file} changed while it was rebuilt; run {RESTORE_CHAMPION} again")
+    workspace.append_history({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                              "run_id": run_id, "step": "restore_champion", "outcome": "champion restored",
+                              "champion": champion.run_id})
+    print(f"[retrain] {workspace.champion_file} rebuilt from {workspace.history_file}: run {champion.run_id} "
+          f"({champion.metric} {champion.value:.4f}, promoted {champion.promoted_at}), model {champion.export_path}")
+    return 0
+
+
 def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
+    if job.retrain.restore_champion:
+        run_id = _new_run_id()
+        try:
+            lease = _hold(job, workspace, run_id)
+        except leases.Held as held:
+            raise StepError(f"{held}: run {RESTORE_CHAMPION} when it is done") from None
+        with lease:
+            return restore_champion(workspace, run_id, lease)
     run_id = _run_id(job, workspace)
     if job.retrain.step in ("check", "train", "promote"):
         job = _with_recorded_options(job, workspace, run_id)
@@ -423,10 +460,10 @@ def run(job: RetrainJob) -> int:
 
 def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leases.Lease, record: dict[str, Any],
                  started: dt.datetime) -> int:
-    champion = workspace.champion()
-    record["champion_before"] = champion and champion.run_id
     steps = STEPS[1:] if job.retrain.step == "all" else (job.retrain.step,)
     try:
+        champion = workspace.champion()
+        record["champion_before"] = champion and champion.run_id
         for step in steps:
             if step == "preprocess":
                 preprocess_step(job, workspace, run_id, champion)
@@ -438,7 +475,7 @@ def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
             else:
                 record["decision"] = promote_step(job, workspace, run_id, lease)
     except Exception as e:  # noqa: BLE001 - every failure must be recorded before exiting non-zero
-        if not isinstance(e, (StepError, leases.LeaseLost)):
+        if not isinstance(e, (StepError, StateError, leases.LeaseLost)):
             log.exception("unexpected failure")
         record.update(outcome="failed", reason=f"{type(e).__name__}: {e}")
         report = storage.read_json_if_exists(workspace.health(run_id)) if "check" in steps else None
@@ -447,7 +484,7 @@ def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
         workspace.append_history(record)
         print(f"error: {e}; the champion is unchanged", file=sys.stderr)
         return 1
-    record["outcome"] = "promoted" if record.get("decision", {}).get("promoted") else (
+    record["outcome"] = PROMOTED if record.get("decision", {}).get("promoted") else (
         "refused" if "decision" in record else "step done")
     if "promote" in steps:
         current = workspace.champion()
@@ -470,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return run(job)
-    except StepError as e:
+    except (StepError, StateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -59,6 +59,44 @@ def read_json_if_exists(path: str) -> Any | None:
     return read_json(path) if exists(path) else None
 
 
+class BadFile(ValueError):
+    """A state file that cannot be used as it is: the message names it, what is wrong and what to do."""
+
+
+def read_state_json(path: str, fix: str, required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """A JSON object file that a program wrote and people may have edited or cut short; None if it
+    does not exist. Raises BadFile (naming the file, the fault and `fix`) if it is not a JSON object
+    with the `required` keys."""
+    return parse_state_json(path, read_bytes(path), fix, required) if exists(path) else None
+
+
+def parse_state_json(path: str, data: bytes, fix: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    """read_state_json of content already read (e.g. with its version)."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise BadFile(f"{path} is not valid JSON ({err}): {fix}") from None
+    if not isinstance(meta, dict):
+        raise BadFile(f"{path} holds a JSON {type(meta).__name__}, not an object: {fix}")
+    missing = [key for key in required if key not in meta]
+    if missing:
+        raise BadFile(f"{path} lacks {', '.join(missing)}: {fix}")
+    return meta
+
+
+def set_aside(path: str) -> str:
+    """Renames a bad file to `<path>.bad-<UTC time>` (kept for a post-mortem, out of every reader's
+    way) and returns the new name."""
+    import datetime as dt
+
+    target = f"{path}.bad-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
+    if is_remote(path):
+        _fs().rename([path], [target])
+    else:
+        os.replace(path, target)
+    return target
+
+
 def temp_name(path: str) -> str:
     return f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
 

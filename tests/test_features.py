@@ -82,3 +82,32 @@ def test_a_second_run_extracts_only_the_images_it_has_not_seen(tiny_backbone, tm
         for a, b in zip(from_store, fresh_arrays):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert json.load(open(tmp_path / "m2" / "metrics.json")) == json.load(open(tmp_path / "m3" / "metrics.json"))
+
+
+def test_a_cut_short_pack_costs_one_recomputation_not_every_night(tiny_backbone, tmp_path, caplog):
+    # A full disk or a killed upload: the store must never stop the training it speeds up.
+    import logging
+
+    data_dir = write_dataset(str(tmp_path / "night1"), {"train": 32, "val": 8, "test": 8}, 32, LABELS, seed=5)
+    store = tmp_path / "features"
+
+    def train(name: str) -> dict:
+        args = task.parse_args(["--data_dir", data_dir, "--model_dir", str(tmp_path / name), "--hub_handle",
+                                tiny_backbone, "--epochs", "2", "--batch_size", "16", "--feature_store", str(store)])
+        return task.run(*args).run_info
+
+    assert train("m1")["timings"]["feature_extraction_images"] == 48
+    packs = sorted(store.glob("*/pack-*.npz"))  # one per split
+    assert len(packs) == 3
+    pack = packs[0]
+    with np.load(pack) as content:
+        lost = len(content["keys"])
+    pack.write_bytes(pack.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="trainer.features"):
+        assert train("m2")["timings"]["feature_extraction_images"] == lost  # those images, recomputed
+    (line,) = [r.getMessage() for r in caplog.records if str(pack) in r.getMessage()]
+    assert "unreadable" in line and "set aside" in line
+    assert not pack.exists() and len(list(pack.parent.glob(pack.name + ".bad-*"))) == 1
+    caplog.clear()
+    assert train("m3")["timings"]["feature_extraction_images"] == 0  # one bad pack, one recomputation
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "features" in r.name]

@@ -170,6 +170,62 @@ def test_a_held_workspace_is_skipped_waited_for_or_refused_and_recorded(where, t
     assert records[2]["waited_s"] >= 0.5
 
 
+def test_a_workspace_survives_a_cut_pack_a_cut_champion_and_a_copy(manifest, tmp_path):
+    import shutil
+
+    original = tmp_path / "ws"
+    done = _retrain(original, manifest, "--epochs", "8", "--learning_rate", "0.003")
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out
+    champion = json.loads((original / "champion.json").read_text())
+    # Written relative to the workspace: a copy uses its own files.
+    assert champion["export_path"].startswith(f"runs/{champion['run_id']}/model/export/")
+    assert champion["labels_file"] == f"runs/{champion['run_id']}/model/labels.txt"
+    assert _history(original)[-1]["decision"]["challenger"]["export_path"] == champion["export_path"]
+
+    # A cut-short champion.json: one error line saying what to do, nothing run, nothing promoted.
+    good = (original / "champion.json").read_bytes()
+    (original / "champion.json").write_bytes(good[:30])
+    cut = _retrain(original, manifest, "--epochs", "1")
+    out, _ = cut.communicate(timeout=300)
+    assert cut.returncode == 1, out
+    (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert str(original / "champion.json") in line and "not valid JSON" in line and "--restore_champion" in line
+    assert "Traceback" not in out
+    assert (original / "champion.json").read_bytes() == good[:30]
+    assert _history(original)[-1]["outcome"] == "failed"
+    restore = _python_m("pipelines.retrain", "--workspace", str(original), "--restore_champion")
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    assert f"rebuilt from {original / 'history.jsonl'}: run {champion['run_id']}" in restore.stdout
+    restored = json.loads((original / "champion.json").read_text())
+    assert {k: restored[k] for k in ("run_id", "export_path", "labels_file", "metric", "value")} == {
+        k: champion[k] for k in ("run_id", "export_path", "labels_file", "metric", "value")}
+
+    # An older workspace's absolute paths, then a copy whose original is deleted, with a feature
+    # pack cut short: the copy's night recomputes those features and compares with its own champion.
+    (original / "champion.json").write_text(json.dumps(
+        {**champion, "export_path": str(original / champion["export_path"]),
+         "labels_file": str(original / champion["labels_file"])}))
+    copy = tmp_path / "ws-copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    pack = sorted((copy / "features").glob("*/pack-*.npz"))[0]
+    pack.write_bytes(pack.read_bytes()[:100])
+    night = _retrain(copy, manifest, "--epochs", "8", "--learning_rate", "0.003", "--seed", "4")
+    out, _ = night.communicate(timeout=600)
+    assert night.returncode == 0, out
+    assert f"feature pack {pack} is unreadable" in out and "set aside" in out
+    record = _history(copy)[-1]
+    assert record["outcome"] in ("promoted", "refused") and record["champion_before"] == champion["run_id"]
+    assert record["decision"]["champion"]["export_path"] == champion["export_path"]  # the copy's own model
+    assert str(original) not in json.dumps(record["decision"])
+    run_json = json.loads((copy / "runs" / record["run_id"] / "model" / "run.json").read_text())
+    assert 0 < run_json["timings"]["feature_extraction_images"] < record["data"]["input_rows"]
+    now = json.loads((copy / "champion.json").read_text())
+    assert now["run_id"] == (record["run_id"] if record["outcome"] == "promoted" else champion["run_id"])
+    assert not os.path.isabs(now["export_path"]) and (copy / now["export_path"] / "saved_model.pb").exists()
+
+
 def _http_manifest(source: str, server, rows: int, relabel: dict[str, str] | None = None,
                    missing: frozenset[str] = frozenset()) -> list[list[str]]:
     """The first `rows` rows of a sample MovieGenre.csv with their posters served by `server` (with
