@@ -241,7 +241,11 @@ def _load_servable(export_dir: str, labels: list[str]) -> tuple[Any, Any]:
     if model_labels != labels:
         raise StepError(f"{export_dir} predicts labels {model_labels}, the dataset has {labels}: "
                         "they cannot be compared on the same test split")
-    _, thresholds = model_files.read_thresholds(export_dir)
+    named, thresholds = model_files.read_thresholds(export_dir)
+    if named != model_labels:
+        raise StateError(f"{model_files.asset_path(export_dir, model_files.THRESHOLDS_JSON)} has thresholds for "
+                         f"{len(named)} labels that are not its labels.txt's {len(model_labels)}: export the model "
+                         "again with `python -m trainer.task`")
     signature = tf.saved_model.load(export_dir).signatures[model_files.SIGNATURE_NAME]
     return signature, np.asarray(thresholds, np.float32)
 

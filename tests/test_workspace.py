@@ -130,3 +130,30 @@ def test_a_cut_feature_pack_is_a_miss_and_is_set_aside(root, tmp_path, caplog):
     (line,) = [r.getMessage() for r in caplog.records if r.name == "trainer.features"]
     assert f"feature pack {bad} is unreadable" in line and "set aside" in line
     assert not storage.exists(bad) and len(storage.match(bad + ".bad-*")) == 1
+
+
+def test_a_cut_or_edited_model_folder_file_is_one_clear_error(root):
+    from tagbeam import export as model_files
+
+    model_dir = storage.join(root, "runs", "r1", "model")
+    export = storage.join(model_dir, "export", "1")
+    storage.write_text(model_files.asset_path(export, model_files.LABELS_TXT), "a\nb\n")
+    storage.write_text(model_files.asset_path(export, model_files.THRESHOLDS_JSON),
+                       model_files.thresholds_json(["a", "b"], [0.5, 0.4]))
+    storage.write_json(storage.join(model_dir, model_files.RUN_JSON), {"flags": {}, "export_path": export})
+    assert model_files.read_labels(export) == ["a", "b"]
+    assert model_files.read_thresholds(export) == (["a", "b"], [0.5, 0.4])
+    assert model_files.read_run_info(model_dir).export_path == export
+    for name, content, where in ((model_files.THRESHOLDS_JSON, '{"thresholds": {"a": 0.5, "b"', export),
+                                 (model_files.THRESHOLDS_JSON, '{"thresholds": ["a"]}', export),
+                                 (model_files.LABELS_TXT, "\n", export),
+                                 (model_files.RUN_JSON, '{"flags": {}, "export_pa', model_dir)):
+        path = model_files.asset_path(where, name) if where == export else storage.join(where, name)
+        saved = storage.read_bytes(path)
+        storage.write_text(path, content)
+        with pytest.raises(StateError) as err:
+            (model_files.read_run_info(model_dir) if name == model_files.RUN_JSON else
+             model_files.read_thresholds(export) if name == model_files.THRESHOLDS_JSON else
+             model_files.read_labels(export))
+        assert str(err.value).startswith(path) and ("again" in str(err.value))
+        storage.write_bytes(path, saved)
