@@ -11,7 +11,9 @@ identical), needs to run the backbone only on the images it has not seen:
 Each run that extracts something adds one pack holding only what it extracted (written to a
 temporary name and renamed: a killed run leaves no partial pack; two runs at once write two packs).
 Labels never come from the store: they are read from the dataset, so relabelled rows train with
-their new labels. Packs are never rewritten; delete the folder to reclaim the space.
+their new labels. Packs are never rewritten; delete the folder to reclaim the space. A pack that
+cannot be read (cut short by a full disk or a killed upload, or not a pack) is a miss: it is
+logged, renamed to `<pack>.bad-<UTC time>` and its images' features are extracted again.
 """
 from __future__ import annotations
 
