@@ -178,7 +178,12 @@ def newest_dataset(workspace: Workspace, run_id: str) -> str | None:
     (by dataset.json's `created`, so run ids of any form order right)."""
     written = []
     for other in workspace.runs():
-        meta = storage.read_json_if_exists(storage.join(workspace.dataset_dir(other), DATASET_JSON))
+        try:
+            meta = storage.read_state_json(storage.join(workspace.dataset_dir(other), DATASET_JSON),
+                                           "not reused: its images are fetched again")
+        except StateError as err:  # only a source of images to reuse, like a cache entry: a miss
+            log.warning("%s", err)
+            continue
         if other != run_id and meta:
             written.append((meta.get("created", ""), other))
     return workspace.dataset_dir(max(written)[1]) if written else None
@@ -369,7 +374,8 @@ def prune_runs(workspace: Workspace, keep: int, champion_run: str | None) -> lis
 
 
 def _dataset_counts(workspace: Workspace, run_id: str) -> dict | None:
-    meta = storage.read_json_if_exists(storage.join(workspace.dataset_dir(run_id), DATASET_JSON))
+    meta = storage.read_state_json(storage.join(workspace.dataset_dir(run_id), DATASET_JSON),
+                                   "rerun the preprocess step")
     if not meta:
         return None
     return {"input_rows": meta["input_rows"], "rejected": meta["rejected"],

@@ -157,3 +157,15 @@ def test_a_cut_or_edited_model_folder_file_is_one_clear_error(root):
              model_files.read_labels(export))
         assert str(err.value).startswith(path) and ("again" in str(err.value))
         storage.write_bytes(path, saved)
+
+
+def test_an_unreadable_earlier_dataset_is_not_reused_and_a_night_goes_on(root, caplog):
+    import logging
+
+    workspace = Workspace(root)
+    storage.write_json(storage.join(workspace.dataset_dir("r1"), "dataset.json"), {"created": "2026-01-01"})
+    storage.write_text(storage.join(workspace.dataset_dir("r2"), "dataset.json"), '{"created": "2026-01-0')
+    with caplog.at_level(logging.WARNING, logger="pipelines.retrain"):
+        assert retrain.newest_dataset(workspace, "r3") == workspace.dataset_dir("r1")
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "pipelines.retrain"]
+    assert line.startswith(storage.join(workspace.dataset_dir("r2"), "dataset.json")) and "fetched again" in line
