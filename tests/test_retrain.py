@@ -95,7 +95,7 @@ def test_promote_refuse_and_survive_a_kill(manifest, tmp_path):
     assert champion_file.read_bytes() == champion_bytes
     # Label order was carried over from the champion's vocabulary.
     new_run = workspace / "runs" / record["run_id"]
-    assert (new_run / "dataset" / "labels.txt").read_text() == Path(champion["labels_file"]).read_text()
+    assert (new_run / "dataset" / "labels.txt").read_text() == (workspace / champion["labels_file"]).read_text()
     # Both models were scored on the same test split.
     assert record["decision"]["test_examples"] > 0
 
@@ -276,7 +276,7 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         relabel = {key: "Sneaker" if genres[key] != "Sneaker" else "Bag" for key in list(genres)[:5]}
         before = len(server.answers)
         night2 = _write_csv(tmp_path / "night2.csv", _http_manifest(manifest, server, 220, relabel))
-        vocab = json.loads(champion_bytes)["labels_file"]
+        vocab = str(workspace / json.loads(champion_bytes)["labels_file"])  # relative to the workspace
         done = _retrain(workspace, night2, "--epochs", "8", "--allow_loopback")
         out, _ = done.communicate(timeout=600)
         assert done.returncode == 0, out
