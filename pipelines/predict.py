@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from pipelines import cli, dataset_info, fetch, images, manifests
+from pipelines import cli, dataset_info, fetch, images, manifests, runners
 from pipelines.examples import decoded_or_rejection, fetch_rows
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
@@ -300,11 +300,14 @@ def prepare_output(output: str, overwrite: bool) -> None:
 def run(job: PredictJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     start = time.monotonic()
     output = job.output.output
+    options = cli.pipeline_options(pipeline_args)
+    runners.check_paths(options, {**runners.manifest_paths(job.manifest), "--model": job.predict.model,
+                                  "--output": output})
     model_path = resolve_model(job.predict.model)
     labels = check_model(model_path)
     spec = manifests.resolve_spec(job.manifest, with_labels=False)
     prepare_output(output, job.output.overwrite)
-    with beam.Pipeline(options=cli.pipeline_options(pipeline_args)) as p:
+    with beam.Pipeline(options=options) as p:
         build(p, spec, model_path, labels, job)
     summary = storage.read_json(storage.join(output, SUMMARY_JSON))
     seconds = time.monotonic() - start

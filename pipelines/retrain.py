@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines import health
+from pipelines import cli, health, runners
 from pipelines.fetch import FetchOptions
 from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
@@ -439,6 +439,13 @@ def restore_champion(workspace: Workspace, run_id: str, lease: leases.Lease) -> 
     return 0
 
 
+def check_paths(job: RetrainJob) -> None:
+    """The preprocess step's paths against the Beam options it is given, before any step runs (it
+    checks them again itself): its dataset folder is under --workspace."""
+    runners.check_paths(cli.pipeline_options(job.beam_args),
+                        {**runners.manifest_paths(job.manifest), "--workspace": job.retrain.workspace})
+
+
 def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
@@ -515,6 +522,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a flag error already printed as one line
         return int(done.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    unusable = flags.run_main(lambda: check_paths(job))
+    if unusable:
+        return unusable
     try:
         return run(job)
     except (StepError, StateError) as e:

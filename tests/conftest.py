@@ -104,7 +104,7 @@ def http_server() -> Iterator[FaultServer]:
     server.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -163,7 +163,7 @@ def gcs_emulator() -> Iterator[str]:
     from gcp_storage_emulator.server import create_server
 
     _honour_generation_preconditions()
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()
     base = f"http://127.0.0.1:{port}"
