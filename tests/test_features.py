@@ -111,3 +111,25 @@ def test_a_cut_short_pack_costs_one_recomputation_not_every_night(tiny_backbone,
     caplog.clear()
     assert train("m3")["timings"]["feature_extraction_images"] == 0  # one bad pack, one recomputation
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "features" in r.name]
+
+
+def test_a_cut_feature_cache_entry_is_a_miss_and_is_set_aside(tiny_backbone, tmp_path, caplog):
+    import logging
+    import types
+
+    from tagbeam import dataset
+    from trainer.train import FeatureCache
+
+    info = dataset.read(write_dataset(str(tmp_path / "data"), {"train": 4, "val": 2, "test": 2}, 32, LABELS, seed=6))
+    cache = FeatureCache(str(tmp_path / "feature_cache"), info, types.SimpleNamespace(path=tiny_backbone))
+    features, labels = np.ones((4, 8), np.float32), np.zeros((4, len(LABELS)), np.float32)
+    cache.save("train", features, labels)
+    (entry,) = (tmp_path / "feature_cache").glob("*/train-features.npy")
+    entry.write_bytes(entry.read_bytes()[:60])
+    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+        assert cache.load("train") is None
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "trainer.train"]
+    assert "unreadable" in line and "extracting again" in line
+    assert not entry.exists() and len(list(entry.parent.glob("train-*.npy.bad-*"))) == 2
+    cache.save("train", features, labels)
+    np.testing.assert_array_equal(cache.load("train")[0], features)
