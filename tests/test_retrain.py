@@ -133,7 +133,12 @@ def test_two_retrains_started_together_promote_what_the_gate_prefers(manifest, t
     assert second["champion_before"] == first_champion
     assert (second["decision"]["champion"] or {}).get("run_id") == first_champion
     assert first["decision"]["comparisons"] == second["decision"]["comparisons"] == 1
-    assert records["good"]["outcome"] == "promoted" and records["poor"]["outcome"] == "refused"
+    assert records["good"]["outcome"] == "promoted"
+    if first["run_id"] == "good":  # poor first: with no champion yet, it may clear the floor and be promoted
+        assert records["poor"]["outcome"] == "refused"
+        assert second["decision"]["challenger"]["value"] < second["decision"]["champion"]["value"] - 0.02
+    else:
+        assert second["decision"]["challenger"]["value"] >= (second["decision"]["champion"] or {}).get("value", 0) - 0.02
     assert json.loads((workspace / "champion.json").read_text())["run_id"] == "good"
     assert not lease_file.exists()
 
