@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines import cli, health, runners
+from pipelines import cli, health, night_report, runners
 from pipelines.fetch import FetchOptions
 from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
@@ -310,6 +310,7 @@ def _compare(job: RetrainJob, workspace: Workspace, run_id: str, run_info: Any,
     gate = job.retrain
     exports = [run_info.export_path] + ([champion.export_path] if champion else [])
     examples, metrics = score_exports(workspace.dataset_dir(run_id), exports, job.train.beta)
+    night_report.save_comparison(workspace, run_id, examples, metrics)
     challenger_metrics = metrics[0]
     challenger = gate_value(challenger_metrics, gate.metric)
     champion_value, champion_metrics = None, None
@@ -499,6 +500,7 @@ def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
         if report and "health" not in record:
             record["health"] = report
         workspace.append_history(record)
+        night_report.write_logged(workspace, run_id, record)
         print(f"error: {e}; the champion is unchanged", file=sys.stderr)
         return 1
     record["outcome"] = PROMOTED if record.get("decision", {}).get("promoted") else (
@@ -508,6 +510,7 @@ def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
         record["pruned"] = prune_runs(workspace, job.retrain.keep_versions, current and current.run_id)
     record["seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     workspace.append_history(record)
+    night_report.write_logged(workspace, run_id, record)
     current = workspace.champion()
     reason = f" ({record['decision']['reason']})" if "decision" in record else ""
     print(f"[retrain] run {run_id}: {record['outcome']}{reason} in {record['seconds']:.0f} s; champion "

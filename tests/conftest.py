@@ -204,3 +204,13 @@ def emulator_credentials(gcs_emulator, tmp_path, monkeypatch):
     adc.write_text(json.dumps({"type": "authorized_user", "client_id": "emulator", "client_secret": "emulator",
                                "refresh_token": "emulator", "token": "emulator", "expiry": "2999-01-01T00:00:00Z"}))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """One headless Chromium for the session's page tests. Never skipped: without the browser the
+    test fails and says how to install it (scripts/setup_env.sh)."""
+    from browser import chromium
+
+    with chromium() as driver:
+        yield driver
