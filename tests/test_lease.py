@@ -19,6 +19,7 @@ from tagbeam.workspace import Champion, Workspace
 def root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "ws")
+    request.getfixturevalue("emulator_credentials")  # for what goes through Beam's GCS client
     return f"gs://{request.getfixturevalue('gcs_bucket')}/ws"
 
 
