@@ -76,7 +76,7 @@ FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
              fine_tune_layers=30, fine_tune_epochs=8, fine_tune_batch_size=64,
              serving_single_calls=200, serving_batch_calls=20, nights_posters=2_000,
              overhead_posters=5_000, gpu_images=256, gpu_fine_tune_steps=3,
-             backbone_posters=800, backbone_val=300, backbone_heldout=600, backbone_chips=480, backbone_seeds=3)
+             backbone_posters=600, backbone_val=250, backbone_heldout=500, backbone_chips=360, backbone_seeds=3)
 QUICK = Sizes(sample_posters=300, sample_heldout=64,
               throughput_images=200, throughput_small=40, memory_n=20, input_passes=1, input_epochs=1,
               input_sets=("posters", "chips"),
