@@ -329,3 +329,9 @@ def test_fine_tuning_trains_the_top_of_a_lite_backbone(cache_dir: str) -> None:
     model.fit(images, np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32), epochs=1, verbose=0)
     assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, top))
     np.testing.assert_array_equal(before[-1], below.numpy())
+
+
+def test_every_embedded_backbone_is_pinned_for_fresh_machines() -> None:
+    # setup_env.sh, smoke.sh and the trainer image install scripts/asset-packages.txt.
+    pinned = (REPO / "scripts" / "asset-packages.txt").read_text().split()
+    assert all(spec.package in pinned for spec in eb.BACKBONES.values())

@@ -632,7 +632,7 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(Path(path, INFO_FILE).read_text(encoding="utf-8"))
 
 
-def _main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.embedded_backbone", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "info"])
     parser.add_argument("--cache-dir", help="default: $TAGBEAM_CACHE_DIR or ~/.cache/tagbeam")
@@ -641,7 +641,11 @@ def _main(argv: list[str] | None = None) -> int:
                        help=f"which embedded backbone (default: {DEFAULT}, the training default)")
     which.add_argument("--all", action="store_true", help="every embedded backbone")
     parser.add_argument("--force", action="store_true", help="rebuild even if built (build only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     names = list(BACKBONES) if args.all else [args.backbone]
     for name in names:
