@@ -28,6 +28,7 @@ CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 ESPRESSO = 967
 
 
+MNV2 = "mobilenet_v2"
 LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 
 
@@ -57,14 +58,14 @@ def photos() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> eb.MobileNetV2:
-    return eb.load_model()
+    return eb.load_model(MNV2)
 
 
 # --- reader ----------------------------------------------------------------------------------------
 
 
 def test_reader_reads_torchvision_state_dict() -> None:
-    state = eb.read_legacy_torch(eb.weights_path())
+    state = eb.read_legacy_torch(eb.weights_path(MNV2))
     params = {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     assert sum(v.size for v in params.values()) == 3_504_872  # torchvision's published MobileNetV2 size
     assert state["features.0.0.weight"].shape == (32, 3, 3, 3)
@@ -159,7 +160,7 @@ def test_reader_refuses_code_in_pickle(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_saved_classifier_recognises_real_photos(cache_dir: str, photos: np.ndarray) -> None:
-    classifier = tf.saved_model.load(eb.classifier_path(cache_dir))
+    classifier = tf.saved_model.load(eb.classifier_path(cache_dir, MNV2))
     probabilities = tf.nn.softmax(classifier(photos)).numpy()
     names = eb.imagenet_classes()
     (cat, cat_p), (coffee, coffee_p) = [(int(p.argmax()), float(p.max())) for p in probabilities]
@@ -171,7 +172,7 @@ def test_saved_classifier_recognises_real_photos(cache_dir: str, photos: np.ndar
 
 
 def test_hub_layer_matches_in_memory_model(cache_dir: str, photos: np.ndarray, model: eb.MobileNetV2) -> None:
-    handle = eb.build(cache_dir)
+    handle = eb.build(cache_dir, name=MNV2)
     inputs = tf_keras.Input([None, None, 3])
     layer = hub.KerasLayer(handle, trainable=False)
     keras_model = tf_keras.Model(inputs, layer(inputs))
@@ -184,7 +185,7 @@ def test_hub_layer_matches_in_memory_model(cache_dir: str, photos: np.ndarray, m
 
 
 def test_saved_model_offers_tf_hub_reusable_api(cache_dir: str) -> None:
-    loaded = tf.saved_model.load(eb.build(cache_dir))
+    loaded = tf.saved_model.load(eb.build(cache_dir, name=MNV2))
     assert len(loaded.variables) == 260 and len(loaded.trainable_variables) == 156  # 52 conv+BN units
     assert list(loaded.regularization_losses) == []
     moving_mean = next(v for v in loaded.variables if "running_mean" in v.name)
@@ -196,10 +197,10 @@ def test_saved_model_offers_tf_hub_reusable_api(cache_dir: str) -> None:
 
 
 def test_info_file_records_contract(cache_dir: str) -> None:
-    info = eb.read_info(eb.build(cache_dir))
+    info = eb.read_info(eb.build(cache_dir, name=MNV2))
     assert (info["input_size"], info["output_dim"]) == (224, 1280)
     assert (info["backbone"], info["spatial_function"]) == ("mobilenet_v2", BACKBONE_SPATIAL_FUNCTION)
-    assert eb.read_info(eb.classifier_path(cache_dir))["output_dim"] == 1000
+    assert eb.read_info(eb.classifier_path(cache_dir, MNV2))["output_dim"] == 1000
 
 
 _STRATEGY_SCRIPT = """

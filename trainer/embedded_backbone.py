@@ -491,7 +491,10 @@ BACKBONES: dict[str, EmbeddedBackbone] = {b.name: b for b in (
     _lite(1, "efficientnet-lite1-77cc7160.pth", 240, 384, (1, 3, 3, 4, 4, 5, 1)),
     _lite(2, "efficientnet-lite2-9656183e.pth", 260, 384, (1, 3, 3, 4, 4, 5, 1)),
 )}
-DEFAULT = "mobilenet_v2"
+# The default: the best held-out quality at no more than the previous default's (MobileNetV2 at
+# 384 px) backbone time per image (benchmarks/README.md, section 12). Its image_size is the
+# pipeline's default --image_size.
+DEFAULT = "efficientnet_lite0"
 
 
 def backbone_spec(name: str) -> EmbeddedBackbone:
