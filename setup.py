@@ -47,6 +47,8 @@ EXTRAS = {
         "scikit-image>=0.24",
         # tests/test_deploy.py compiles the Vertex AI Pipelines definition.
         "kfp>=2.17,<3",
+        # Drives the system's headless Chromium (Debian chromium + chromium-driver) for the report pages.
+        "selenium>=4.20",
     ],
 }
 
@@ -62,7 +64,7 @@ setuptools.setup(
         "Programming Language :: Python :: 3.13",
     ],
     packages=setuptools.find_packages(include=["tagbeam", "tagbeam.*", "pipelines", "pipelines.*", "trainer", "trainer.*"]),
-    package_data={"trainer": ["imagenet_classes.txt"]},
+    package_data={"trainer": ["imagenet_classes.txt"], "tagbeam": ["page_assets/*"]},
     install_requires=REQUIRED,
     extras_require=EXTRAS,
 )

@@ -78,7 +78,7 @@ class ImageOptions:
     # The size that suits the default backbone (trainer/embedded_backbone.py): above the 224 px that
     # ImageNet backbones are trained at, on purpose: a multi-label image holds several objects, each a
     # fraction of the frame, and at 320-384 each comes nearer the scale the backbone learned
-    # (benchmarks/README.md, sections 7 and 12: EfficientNet-Lite0 at 320 beats MobileNetV2 at 384 on
+    # (benchmarks/README.md, sections 7 and 13: EfficientNet-Lite0 at 320 beats MobileNetV2 at 384 on
     # held-out posters and chips, at 0.56x its backbone time).
     # Bounded so that what a size implies (decoded, resized and encoded copies of size^2 x 3 bytes per
     # image, times the fetch threads of every worker) is refused up front, not as a MemoryError mid-run.

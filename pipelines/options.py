@@ -83,7 +83,7 @@ class SplitOptions:
 class OutputOptions:
     """Output."""
 
-    output: str = option(help="folder to write (local or gs://)")
+    output: str = option(help="folder to write: local (when the workers run on this machine), gs:// or another file system they share")
     overwrite: bool = option(False, help="replace what a previous run of this job wrote in --output")
 
 

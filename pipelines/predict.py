@@ -25,7 +25,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 
-from pipelines import cli, dataset_info, fetch, images, manifests
+from pipelines import cli, dataset_info, fetch, images, manifests, predict_report, runners
 from pipelines.examples import decoded_or_rejection, fetch_rows
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
@@ -41,9 +41,9 @@ _LOG = logging.getLogger("pipelines.predict")
 ENTRY_POINT = "pipelines.predict"
 SUMMARY_JSON = "summary.json"
 PREDICTIONS_PREFIX = "predictions"
-# Predict reads no labels from the manifest; of the image options only the decoding bounds apply
-# (the model's export fixes the rest).
-_MANIFEST_FLAGS = [f.name for f in dataclasses.fields(ManifestOptions) if f.name not in ("labels_column", "label_delimiter")]
+# Of the image options only the decoding bounds apply (the model's export fixes the rest). A
+# manifest's labels, when it has them, are scored against the predictions (pipelines/predict_report.py).
+_MANIFEST_FLAGS = [f.name for f in dataclasses.fields(ManifestOptions)]
 _IMAGE_FLAGS = ["max_pixels", "max_decoded_bytes"]
 
 
@@ -236,7 +236,10 @@ def _write_predictions(records: beam.PCollection, output: str, output_format: st
 
 
 def commit_summary(_: Any, *, output: str, model: str, labels: Sequence[str], options: dict[str, Any],
-                   input_rows: int, predicted: int, rejected_by_reason: dict[str, int]) -> dict[str, Any]:
+                   input_rows: int, predicted: int, rejected_by_reason: dict[str, int],
+                   thresholds: Sequence[float] | None = None, **page: Any) -> dict[str, Any]:
+    """summary.json (with the metrics when the manifest had labels), then summary.html from `page`,
+    the side inputs of `_page_inputs` (none: no page)."""
     rejected = sum(rejected_by_reason.values())
     if input_rows != predicted + rejected:
         raise dataset_info.InvariantError(
@@ -244,12 +247,49 @@ def commit_summary(_: Any, *, output: str, model: str, labels: Sequence[str], op
     summary = {"model": model, "labels": list(labels), "input_rows": input_rows, "predicted": predicted,
                "rejected": rejected, "rejected_by_reason": dict(sorted(rejected_by_reason.items())),
                "options": options}
+    section, note = None, "The manifest has no labels, so the predictions are not scored (no curves or error gallery)."
+    if page.get("labelled"):
+        summary["metrics"], section = predict_report.evaluation(page["labelled"], labels, thresholds, page["pictures"])
+    elif "labelled" in page:
+        note = "The manifest has labels, but no row was predicted: nothing to score."
     storage.write_json(storage.join(output, SUMMARY_JSON), summary)
+    if thresholds is not None:
+        try:
+            predict_report.write_page(output, summary, labels, thresholds, page["histograms"], page["sample"],
+                                      page["rejected_examples"], section, note)
+        except Exception:  # noqa: BLE001 - the predictions are written; the page must not fail the job
+            _LOG.exception("could not write %s in %s", predict_report.SUMMARY_HTML, output)
     return summary
 
 
+def _page_inputs(inferred: beam.PCollection, rejections: beam.PCollection, labels: Sequence[str],
+                 thresholds: Sequence[float], labelled: bool) -> dict[str, Any]:
+    """What summary.html needs, gathered by bounded combiners (and every labelled row's scores)."""
+    def scores(item: tuple[Row, PredictionResult]) -> tuple[Any, Any]:
+        return item[1].inference["probabilities"], item[1].inference["predicted"]
+
+    inputs = {
+        "histograms": inferred | "Scores" >> beam.Map(scores).with_output_types(Any)
+        | "Histograms" >> beam.CombineGlobally(predict_report.Histograms(len(labels))),
+        "sample": inferred
+        | "ForGallery" >> beam.Map(lambda i: (i[0].id, i[1].inference["probabilities"], i[1].example)).with_output_types(Any)
+        | "Gallery" >> beam.combiners.Sample.FixedSizeGlobally(predict_report.GALLERY),
+        "rejected_examples": rejections | "RejectedExample" >> beam.Map(lambda r: (r.key, f"row {r.row} ({r.id}): {r.detail}"))
+        | "RejectedExamples" >> beam.combiners.Sample.FixedSizePerKey(predict_report.REJECTED_EXAMPLES),
+    }
+    if labelled:
+        truth = inferred | "Truth" >> beam.Map(lambda i: (i[0].id, predict_report.multi_hot(i[0].labels, labels),
+                                                          i[1].inference["probabilities"], i[1].example)
+                                        ).with_output_types(Any)
+        # Any: Beam's inference of a sliced tuple's type is wrong (and its coder then fails).
+        inputs["labelled"] = (truth | "Labelled" >> beam.Map(lambda t: t[:3]).with_output_types(Any)
+                              | "AllLabelled" >> beam.combiners.ToList())
+        inputs["pictures"] = truth | "Pictures" >> beam.CombineGlobally(predict_report.GalleryCandidates(thresholds))
+    return inputs
+
+
 def build(p: beam.Pipeline, spec: manifests.ManifestSpec, model_path: str, labels: Sequence[str],
-          job: PredictJob) -> None:
+          job: PredictJob, labelled: bool = False) -> None:
     output = job.output.output
     stored = model_files.read_stored_images(model_path)
     if stored is None:
@@ -264,10 +304,9 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, model_path: str, label
                | "FetchAndCheck" >> beam.ParDo(FetchAndCheck(job.fetch, job.image, stored)
                                                ).with_outputs(REJECTED_TAG, main="rows"))
     # The Row itself is the key: it rides through RunInference untouched, so no join is needed.
-    records = (checked.rows
-               | "RunInference" >> RunInference(KeyedModelHandler(SavedModelHandler(model_path, job.predict.batch_size,
-                                                                                      signature)))
-               | "ToRecord" >> beam.Map(to_record, labels))
+    inferred = checked.rows | "RunInference" >> RunInference(
+        KeyedModelHandler(SavedModelHandler(model_path, job.predict.batch_size, signature)))
+    records = inferred | "ToRecord" >> beam.Map(to_record, labels)
     _ = _write_predictions(records, output, job.predict.output_format, labels)
     rejections = (parsed.rejected, unique.rejected, checked.rejected) | "Rejections" >> beam.Flatten()
     _ = (rejections,) | "DeadLetter" >> WriteRejected(output)
@@ -276,11 +315,29 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, model_path: str, label
     predicted = records | "CountPredicted" >> beam.combiners.Count.Globally()
     by_reason = (rejections | "Reason" >> beam.Map(lambda r: r.key)
                  | "CountByReason" >> beam.combiners.Count.PerElement())
+    thresholds = model_files.read_thresholds(model_path)[1]
+    page = _page_inputs(inferred, rejections, labels, thresholds, labelled)
+    side = {name: (beam.pvalue.AsDict if name == "rejected_examples" else beam.pvalue.AsSingleton)(pcoll)
+            for name, pcoll in page.items()}
     _ = (p | "Once" >> beam.Create([None])
          | "Summary" >> beam.Map(commit_summary, output=output, model=model_path, labels=list(labels),
                                  options=job.flags, input_rows=beam.pvalue.AsSingleton(input_rows),
                                  predicted=beam.pvalue.AsSingleton(predicted),
-                                 rejected_by_reason=beam.pvalue.AsDict(by_reason)))
+                                 rejected_by_reason=beam.pvalue.AsDict(by_reason), thresholds=thresholds, **side))
+
+
+def resolve_spec(options: ManifestOptions) -> tuple[manifests.ManifestSpec, bool]:
+    """The manifest's spec, and whether its rows carry labels to score: Planet, VOC and MovieGenre
+    manifests always do; a generic one when it has the labels column (an explicit --labels_column
+    that is missing is an error, as in preprocessing)."""
+    try:
+        return manifests.resolve_spec(options, with_labels=True), True
+    except UsageError:
+        default = {o.flag: o.default for o in flags.declared(ManifestOptions)}["labels_column"]
+        if options.labels_column != default:
+            raise
+    spec = manifests.resolve_spec(options, with_labels=False)
+    return spec, spec.format != "generic"
 
 
 def prepare_output(output: str, overwrite: bool) -> None:
@@ -297,17 +354,25 @@ def prepare_output(output: str, overwrite: bool) -> None:
 def run(job: PredictJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     start = time.monotonic()
     output = job.output.output
+    options = cli.pipeline_options(pipeline_args)
+    runners.check_paths(options, {**runners.manifest_paths(job.manifest), "--model": job.predict.model,
+                                  "--output": output})
     model_path = resolve_model(job.predict.model)
     labels = check_model(model_path)
-    spec = manifests.resolve_spec(job.manifest, with_labels=False)
+    spec, labelled = resolve_spec(job.manifest)
     prepare_output(output, job.output.overwrite)
-    with beam.Pipeline(options=cli.pipeline_options(pipeline_args)) as p:
-        build(p, spec, model_path, labels, job)
+    with beam.Pipeline(options=options) as p:
+        build(p, spec, model_path, labels, job, labelled)
     summary = storage.read_json(storage.join(output, SUMMARY_JSON))
     seconds = time.monotonic() - start
     print(f"[predict] {summary['predicted']} of {summary['input_rows']} rows predicted with {model_path}, "
           f"{summary['rejected']} rejected {summary['rejected_by_reason'] or ''} in {seconds:.1f} s "
           f"({summary['predicted'] / max(seconds, 1e-9):.1f} images/s); output {output}")
+    if "metrics" in summary:
+        m = summary["metrics"]["at_tuned"]
+        print(f"[predict] against the manifest's labels at the model's thresholds: macro F1 {m['macro_f1']:.3f}, "
+              f"micro F1 {m['micro_f1']:.3f} (summary.json \"metrics\")")
+    print(f"[predict] page: {storage.join(output, predict_report.SUMMARY_HTML)}")
     return summary
 
 

@@ -31,7 +31,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from pipelines import cli, dataset_info, manifests, reuse, vocabulary
+from pipelines import cli, dataset_info, manifests, reuse, runners, vocabulary
 from pipelines.reuse import SOURCES_TAG, TALLIES_TAG
 from pipelines.examples import REUSED_TAG, EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
@@ -45,8 +45,6 @@ from tagbeam.flags import UsageError
 
 _LOG = logging.getLogger("pipelines.preprocess")
 ENTRY_POINT = "pipelines.preprocess"
-# Runners that execute on this machine: their workers can share a local temporary folder.
-_LOCAL_RUNNERS = ("DirectRunner", "FnApiRunner", "BundleBasedDirectRunner", "SwitchingDirectRunner")
 GROUPS = (ManifestOptions, OutputOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions, reuse.ReuseOptions)
 
 
@@ -94,22 +92,16 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PreprocessJob, list[s
     return job, beam_args
 
 
-def _runs_locally(options: PipelineOptions) -> bool:
-    runner = options.view_as(StandardOptions).runner
-    return runner is None or str(runner).rsplit(".", 1)[-1] in _LOCAL_RUNNERS
-
-
-def _work_dir(options: PipelineOptions, local: bool, output: str) -> str:
-    """Scratch space for the run (TFT's temporary files, the label stats), readable by every worker."""
-    if local:
+def _work_dir(options: PipelineOptions, elsewhere: str | None) -> str:
+    """Scratch space for the run (TFT's temporary files, the label stats), readable by every worker:
+    a local folder when they run on this machine, else under --temp_location."""
+    if elsewhere is None:
         return tempfile.mkdtemp(prefix="tagbeam-")
-    if "://" not in output:
-        raise UsageError(f"--output {output} is a local folder, which workers of a remote --runner cannot write; "
-                         "use a gs:// folder")
     temp_location = options.view_as(GoogleCloudOptions).temp_location
     if not temp_location:
-        raise UsageError("--temp_location is required with a remote --runner (the vocabulary analysis stages "
-                         "files there)")
+        raise UsageError(f"--temp_location is required when the workers run elsewhere ({elsewhere}): the vocabulary "
+                         "analysis stages files there")
+    runners.check_paths(options, {"--temp_location": temp_location})
     return storage.join(temp_location, f"tagbeam-{uuid.uuid4().hex}")
 
 
@@ -194,12 +186,14 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     """Runs the job; returns the content of dataset.json. Raises UsageError for user mistakes."""
     start = time.monotonic()
     output, min_label_count = job.output.output, job.labels.min_label_count
+    options = cli.pipeline_options(pipeline_args)
+    elsewhere = runners.check_paths(options, {**runners.manifest_paths(job.manifest), "--output": output,
+                                              "--reuse_dataset": job.reuse.reuse_dataset},
+                                    read_here={"--vocab_file": job.labels.vocab_file})
     spec = manifests.resolve_spec(job.manifest)
     fixed = vocabulary.read_vocab_file(job.labels.vocab_file) if job.labels.vocab_file else None
-    options = cli.pipeline_options(pipeline_args)
-    local = _runs_locally(options)
     previous = reuse.previous_dataset(job.reuse, output, job.image, job.fetch)
-    work_dir = _work_dir(options, local, output)
+    work_dir = _work_dir(options, elsewhere)
     try:
         # Before the clean-up below may touch --output: a folder that is not this job's stays untouched.
         dataset_info.prepare_output(output, job.output.overwrite)
@@ -209,7 +203,7 @@ def run(job: PreprocessJob, pipeline_args: Sequence[str]) -> dict[str, Any]:
     transform_dir = storage.join(output, TRANSFORM_OUTPUT)
     # TFT writes through tf.io, which reaches only real GCS; a local run stages its output locally
     # and copies it with Beam's FileSystems, which also serve GCS emulators and other stores.
-    staged = local and storage.is_remote(output)
+    staged = elsewhere is None and storage.is_remote(output)
     try:
         vocab_path = None
         if fixed:

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from pipelines import health
+from pipelines import cli, health, night_report, runners
 from pipelines.fetch import FetchOptions
 from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
@@ -292,6 +292,7 @@ def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: C
                         "run the train step")
     exports = [run_info.export_path] + ([champion.export_path] if champion else [])
     examples, metrics = score_exports(workspace.dataset_dir(run_id), exports, job.train.beta)
+    night_report.save_comparison(workspace, run_id, examples, metrics)
     challenger_metrics = metrics[0]
     challenger = gate_value(challenger_metrics, gate.metric)
     champion_value, champion_metrics = None, None
@@ -353,6 +354,13 @@ def _run_id(job: RetrainJob, workspace: Workspace) -> str:
     return _new_run_id()
 
 
+def check_paths(job: RetrainJob) -> None:
+    """The preprocess step's paths against the Beam options it is given, before any step runs (it
+    checks them again itself): its dataset folder is under --workspace."""
+    runners.check_paths(cli.pipeline_options(job.beam_args),
+                        {**runners.manifest_paths(job.manifest), "--workspace": job.retrain.workspace})
+
+
 def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
@@ -384,6 +392,7 @@ def run(job: RetrainJob) -> int:
         if report and "health" not in record:
             record["health"] = report
         workspace.append_history(record)
+        night_report.write_logged(workspace, run_id, record)
         print(f"error: {e}; the champion is unchanged", file=sys.stderr)
         return 1
     record["outcome"] = "promoted" if record.get("decision", {}).get("promoted") else (
@@ -393,6 +402,7 @@ def run(job: RetrainJob) -> int:
         record["pruned"] = prune_runs(workspace, job.retrain.keep_versions, current and current.run_id)
     record["seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
     workspace.append_history(record)
+    night_report.write_logged(workspace, run_id, record)
     current = workspace.champion()
     reason = f" ({record['decision']['reason']})" if "decision" in record else ""
     print(f"[retrain] run {run_id}: {record['outcome']}{reason} in {record['seconds']:.0f} s; champion "
@@ -407,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as done:  # --help, or a flag error already printed as one line
         return int(done.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    unusable = flags.run_main(lambda: check_paths(job))
+    if unusable:
+        return unusable
     try:
         return run(job)
     except StepError as e:

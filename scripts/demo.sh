@@ -35,3 +35,4 @@ step "5/5 predict held-out posters with the exported SavedModel (Beam)"
 
 echo
 echo "done in $(( $(date +%s) - start ))s: dataset $out/dataset, model $out/model, predictions $out/predictions"
+echo "pages to open in a browser: $out/model/report.html, $out/predictions/summary.html"

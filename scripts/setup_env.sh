@@ -22,6 +22,15 @@ if ! dpkg -s dataset-fashion-mnist >/dev/null 2>&1; then
   $sudo_cmd apt-get install -y -q --no-install-recommends dataset-fashion-mnist >/dev/null
 fi
 
+# Headless Chromium and its driver: the report pages are tested as a person sees them (tests/browser.py).
+if ! dpkg -s chromium chromium-driver >/dev/null 2>&1; then
+  echo "[setup] installing Debian packages chromium chromium-driver"
+  export DEBIAN_FRONTEND=noninteractive
+  sudo_cmd=""; [ "$(id -u)" -eq 0 ] || sudo_cmd="sudo"
+  $sudo_cmd apt-get update -q >/dev/null
+  $sudo_cmd apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "[setup] creating virtualenv $venv"
   "$python" -m venv "$venv"

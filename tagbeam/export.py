@@ -23,6 +23,14 @@ THRESHOLDS_JSON = "thresholds.json"
 LABELS_TXT = dataset.LABELS_TXT
 STORED_IMAGES_JSON = "stored_images.json"  # export asset: dataset.StoredImages
 BACKBONE_JSON = "backbone.json"  # export asset: run.json's "backbone" (name, handle, tagbeam_backbone.json)
+# The model report (trainer/report.py; README "Reports") and what it is built from, so that
+# `python -m trainer.report` rebuilds it without the dataset. docs/report.md describes the files.
+REPORT_HTML = "report.html"
+EVALUATION_DIR = "evaluation"
+TEST_SCORES_NPZ = "evaluation/test_scores.npz"  # ids [n] str, labels [n,K] uint8, scores [n,K] float32
+THUMBNAILS_DIR = "evaluation/thumbnails"  # <row>.jpg: gallery images, row = index in test_scores.npz
+CAMS_DIR = "evaluation/cams"  # <row>-<label index>.png: class activation maps over those thumbnails
+REPORT_CONTEXT_JSON = "evaluation/context.json"  # dataset summary, stop reason, why there are no maps
 CHECKPOINTS_DIR = "checkpoints"
 BACKUP_DIR = "backup"
 LOGS_DIR = "logs"

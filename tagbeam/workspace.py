@@ -6,6 +6,9 @@
     runs/<run_id>/model/         the challenger (trainer.task output)
     runs/<run_id>/health.json    the data-health gate's report (pipelines/health.py)
     runs/<run_id>/decision.json  the promotion decision
+    runs/<run_id>/comparison.json  champion and challenger per label on the run's test split
+    runs/<run_id>/report.html    the night's page (pipelines/night_report.py)
+    index.html                   every night with its decision, linking each night's page
     features/                    backbone features of stored images, shared by the runs (trainer/features.py)
     champion.json                the current model, replaced atomically
     history.jsonl                one JSON record per run, for people
@@ -25,6 +28,9 @@ HISTORY_JSONL = "history.jsonl"
 RUN_OPTIONS_JSON = "options.json"
 DECISION_JSON = "decision.json"
 HEALTH_JSON = "health.json"
+COMPARISON_JSON = "comparison.json"
+NIGHT_REPORT_HTML = "report.html"
+INDEX_HTML = "index.html"
 RUN_DATASET_DIR = "dataset"
 RUN_MODEL_DIR = "model"
 FEATURES_DIR = "features"

@@ -5,6 +5,8 @@ The SavedModel follows the reusable-SavedModel contract that `hub.KerasLayer` lo
 training)` traced for both values of `training`), so tests exercise the same loading code as
 the embedded MobileNetV2 at a fraction of its cost. Random conv filters plus mean and max
 pooling keep colour and blob information, which is what `dataset_factory` images encode.
+`pooling="mean"` pools by the mean only and exports the feature map before it as
+`tagbeam.export.BACKBONE_SPATIAL_FUNCTION`, like the embedded backbones (class activation maps).
 """
 from __future__ import annotations
 
@@ -14,12 +16,15 @@ import os
 import numpy as np
 import tensorflow as tf
 
+from tagbeam.export import BACKBONE_SPATIAL_FUNCTION
+
 
 # AutoTrackable rather than tf.Module: tf.Module's `variables` are read-only properties that are
 # not saved, while hub.KerasLayer needs them as saved attributes of the loaded object.
 class _TinyBackbone(tf.__internal__.tracking.AutoTrackable):
-    def __init__(self, seed: int, width: int, channels: int, input_size: int | None) -> None:
+    def __init__(self, seed: int, width: int, channels: int, input_size: int | None, pooling: str) -> None:
         super().__init__()
+        self._pooling = pooling
         rng = np.random.default_rng(seed)
 
         def he(shape: tuple[int, ...]) -> tf.Variable:
@@ -38,11 +43,20 @@ class _TinyBackbone(tf.__internal__.tracking.AutoTrackable):
         self.__call__ = tf.function(self._forward)
         for training in (False, True):
             self.__call__.get_concrete_function(spec, training)
+        if pooling == "mean":
+            spatial = tf.function(self._spatial)
+            spatial.get_concrete_function(spec)
+            setattr(self, BACKBONE_SPATIAL_FUNCTION, spatial)
+
+    def _spatial(self, images: tf.Tensor) -> tf.Tensor:
+        x = tf.nn.relu(tf.nn.conv2d(images - 0.5, self.kernel1, 2, "SAME") + self.bias1)
+        return tf.nn.relu(tf.nn.conv2d(x, self.kernel2, 2, "SAME") + self.bias2)
 
     def _forward(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
         del training  # no batch norm or dropout: both modes compute the same features
-        x = tf.nn.relu(tf.nn.conv2d(images - 0.5, self.kernel1, 2, "SAME") + self.bias1)
-        x = tf.nn.relu(tf.nn.conv2d(x, self.kernel2, 2, "SAME") + self.bias2)
+        x = self._spatial(images)
+        if self._pooling == "mean":
+            return tf.reduce_mean(x, [1, 2])
         return tf.concat([tf.reduce_mean(x, [1, 2]), tf.reduce_max(x, [1, 2])], axis=-1)
 
 
@@ -53,6 +67,7 @@ def write_backbone(
     channels: int = 24,
     input_size: int | None = None,
     nominal_size: int = 224,
+    pooling: str = "mean_max",
 ) -> str:
     """Saves a tiny feature-vector SavedModel at `path` and returns `path`.
 
@@ -60,9 +75,12 @@ def write_backbone(
     traced input signature to that size, the case in which the trainer must refuse a dataset of
     another image size. `tagbeam_backbone.json` beside `saved_model.pb` declares the sizes.
     """
-    module = _TinyBackbone(seed, width, channels, input_size)
+    if pooling not in ("mean_max", "mean"):
+        raise ValueError(f"pooling must be mean_max or mean, got {pooling!r}")
+    module = _TinyBackbone(seed, width, channels, input_size, pooling)
     tf.saved_model.save(module, path)
-    meta = {"input_size": input_size or nominal_size, "output_dim": 2 * channels, "name": "tiny-test"}
+    dim = channels if pooling == "mean" else 2 * channels
+    meta = {"input_size": input_size or nominal_size, "output_dim": dim, "name": f"tiny-test-{pooling}"}
     with open(os.path.join(path, "tagbeam_backbone.json"), "w") as f:
         json.dump(meta, f)
     return path

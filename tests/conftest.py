@@ -104,7 +104,7 @@ def http_server() -> Iterator[FaultServer]:
     server.stop()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -119,7 +119,7 @@ def gcs_emulator() -> Iterator[str]:
     """
     from gcp_storage_emulator.server import create_server
 
-    port = _free_port()
+    port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()
     base = f"http://127.0.0.1:{port}"
@@ -160,3 +160,13 @@ def emulator_credentials(gcs_emulator, tmp_path, monkeypatch):
     adc.write_text(json.dumps({"type": "authorized_user", "client_id": "emulator", "client_secret": "emulator",
                                "refresh_token": "emulator", "token": "emulator", "expiry": "2999-01-01T00:00:00Z"}))
     monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    """One headless Chromium for the session's page tests. Never skipped: without the browser the
+    test fails and says how to install it (scripts/setup_env.sh)."""
+    from browser import chromium
+
+    with chromium() as driver:
+        yield driver

@@ -493,6 +493,8 @@ def test_scanner_finds_the_commands_of_every_kind_of_file(invocations):
         ("deploy/dataflow/launch.sh", "pipelines.preprocess", "--runner"),  # from the bash array
         ("deploy/dataflow/launch.sh", "pipelines.predict", "--sdk_container_image"),  # from `array+=(...)`
         ("deploy/dataflow/launch.sh", "pipelines.predict", "--setup_file"),  # the other branch
+        ("deploy/portable/launch.sh", "pipelines.preprocess", "--job_endpoint"),
+        ("deploy/README.md", "pipelines.predict", "--environment_config"),  # the Flink/Spark section
         ("deploy/README.md", "pipelines.preprocess", "--temp_location"),
         ("deploy/README.md", "pipelines.predict", "--format"),  # through launch.sh
         ("deploy/README.md", "deploy/kfp/schedule.py", "--pipeline_root"),

@@ -14,10 +14,12 @@ from trainer.hub import hub
 import tf_keras
 
 from backbone_factory import write_backbone
+from browser import load, screenshot
 from sample_data.hostile import zero_tiff
 import sample_data
 from pipelines import images, predict
 from pipelines.images import ImageOptions
+from trainer.evaluation import evaluate
 from trainer.model import NonEmptyBatch
 from tagbeam.dataset import StoredImages
 from trainer.serving import export_model
@@ -77,7 +79,7 @@ def _with_bad_rows(posters: str, tmp_path) -> tuple[str, dict[str, str]]:
     return str(manifest), expected
 
 
-def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_path):
+def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_path, browser):
     export_base, labels = exported
     manifest, expected_rejects = _with_bad_rows(posters, tmp_path)
     out = tmp_path / "out"
@@ -115,6 +117,30 @@ def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_p
     for row, names in zip(rows, own["predicted_labels"].numpy()):
         got = row["predicted_labels"].split("|") if row["predicted_labels"] else []
         assert got == [n.decode() for n in names if n]
+
+    # The manifest's Genre labels are scored: metrics at the model's thresholds, from the predictions.
+    with open(manifest, encoding="utf-8") as f:
+        genres = {r["imdbId"]: r["Genre"].split("|") for r in csv.DictReader(f)}
+    truth = np.array([[label in genres[r["id"]] for label in labels] for r in rows])
+    metrics = evaluate(truth, ours.astype(np.float32), labels, np.full(len(labels), 0.5, np.float32), beta=1.0)
+    assert summary["metrics"]["at_tuned"] == pytest.approx(metrics["at_tuned"], abs=1e-6)
+    assert summary["metrics"]["macro_average_precision"] == pytest.approx(metrics["macro_average_precision"], abs=1e-6)
+
+    # summary.html, as a person opens it.
+    problems, requests = load(browser, str(out / "summary.html"))
+    assert problems == [] and requests == []
+    body = browser.find_element("tag name", "body").text
+    assert "decode:truncated" in body and "9000001" in body  # rejected rows by reason, with examples
+    assert len(browser.find_elements("css selector", "div.hist svg.histogram")) == len(labels)
+    photos = browser.find_elements("css selector", "img.photo")
+    assert len(photos) >= 24  # the sample of predictions, and the error gallery
+    for image in photos:
+        assert browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 0
+    assert not browser.find_elements("css selector", ".missing")  # the combiner kept every gallery row's picture
+    for k, label in enumerate(labels):
+        curves = browser.find_elements("css selector", f"#label-{k} svg.pr-curve polyline")
+        assert len(curves) == (1 if truth[:, k].any() else 0), label
+    screenshot(browser, "predict-summary.png")
 
 
 def test_predict_parquet_output_and_refuses_to_mix(posters, exported, tmp_path):
@@ -188,3 +214,23 @@ def test_a_model_trained_before_backbones_were_named_predicts_unchanged(posters,
     original = tf.saved_model.load(os.path.join(export_base, "1")).signatures["stored_images"]
     expected = original(image_bytes=tf.constant(stored))["probabilities"].numpy()
     np.testing.assert_allclose([[float(r[label]) for label in labels] for r in rows], expected, atol=1e-6)
+
+
+def test_a_manifest_without_labels_is_predicted_not_scored_and_a_missing_labels_column_is_an_error(
+        posters, exported, tmp_path, capsys):
+    export_base, _ = exported
+    with open(os.path.join(posters, "MovieGenre-heldout.csv"), encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))[:6]
+    manifest = tmp_path / "plain.csv"
+    with open(manifest, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["uri"], *[[os.path.join(posters, r["Poster"])] for r in rows]])
+    out = tmp_path / "out"
+    assert predict.main(["--input", str(manifest), "--model", export_base, "--output", str(out),
+                         "--allow_local_files"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["predicted"] == 6 and "metrics" not in summary
+    assert "The manifest has no labels" in (out / "summary.html").read_text()
+    code = predict.main(["--input", str(manifest), "--model", export_base, "--output", str(tmp_path / "other"),
+                         "--allow_local_files", "--labels_column", "tags"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing column(s) tags" in err

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from browser import load, screenshot
 from dataset_factory import label_names, read_examples
 from fault_server import FaultServer, Response
 
@@ -124,7 +125,15 @@ def _write_csv(path: Path, rows: list[list[str]]) -> str:
     return str(path)
 
 
-def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_training(manifest, tmp_path):
+def _night_page(browser, workspace: Path, run_id: str, name: str) -> str:
+    """The night's report.html as Chromium shows it (no console error, no request); returns its text."""
+    problems, requests = load(browser, str(workspace / "runs" / run_id / "report.html"))
+    assert problems == [] and requests == []
+    screenshot(browser, name)
+    return browser.find_element("tag name", "body").text
+
+
+def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_training(manifest, tmp_path, browser):
     server = FaultServer().start()
     workspace = tmp_path / "ws"
     try:
@@ -165,6 +174,19 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         assert {n: (rebuilt / n).read_bytes() for n in written} == {n: (incremental / n).read_bytes() for n in written}
         champion_bytes = (workspace / "champion.json").read_bytes()
 
+        # The night's page: champion and challenger per label on the same test rows, worse labels marked.
+        comparison = json.loads((workspace / "runs" / record["run_id"] / "comparison.json").read_text())
+        text = _night_page(browser, workspace, record["run_id"], "retrain-night.png")
+        assert record["decision"]["reason"] in text and f"{record['decision']['test_examples']} test example(s)" in text
+        rows = browser.find_elements("css selector", "table.comparison tbody tr")
+        assert len(rows) == len(comparison["challenger"]) == 10
+        for row in rows:
+            cells = row.find_elements("tag name", "td")
+            new, old = comparison["challenger"][cells[0].text], comparison["champion"][cells[0].text]
+            assert cells[3].text == f"{new['ap']:.3f}" and cells[2].text == f"{old['ap']:.3f}"
+            worse = new["ap"] < old["ap"] or new["f1"] < old["f1"]
+            assert ("worse" in (row.get_attribute("class") or "")) == worse
+
         # Night 3: 40 % of the image URLs answer 404. Revalidation finds them; the gate stops the run.
         missing = frozenset(list(genres)[::5] + list(genres)[1::5])
         night3 = _write_csv(tmp_path / "night3.csv", _http_manifest(manifest, server, 220, relabel, missing))
@@ -178,6 +200,17 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         assert record["health"]["passed"] is False and record["data"]["rejected"] == 88
         assert not (workspace / "runs" / record["run_id"] / "model").exists()  # nothing trained
         assert (workspace / "champion.json").read_bytes() == champion_bytes
+        text = _night_page(browser, workspace, record["run_id"], "retrain-night-refused.png")
+        assert "The data-health gate refused this night" in text and "rejected share 0.400" in text
+        assert "stopped at the data-health gate" in text
+
+        # The index lists the three nights with their decisions, each linking its page.
+        problems, requests = load(browser, str(workspace / "index.html"))
+        assert problems == [] and requests == []
+        rows = browser.find_elements("css selector", "tbody tr")
+        assert [r.find_elements("tag name", "td")[1].text for r in rows][0] == "failed" and len(rows) == 3
+        links = [a.get_attribute("href") for a in browser.find_elements("css selector", "tbody a")]
+        assert len(links) == 3 and all(os.path.exists(link[len("file://"):]) for link in links)
     finally:
         server.stop()
 

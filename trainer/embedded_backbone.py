@@ -492,7 +492,7 @@ BACKBONES: dict[str, EmbeddedBackbone] = {b.name: b for b in (
     _lite(2, "efficientnet-lite2-9656183e.pth", 260, 384, (1, 3, 3, 4, 4, 5, 1)),
 )}
 # The default: the best held-out quality at no more than the previous default's (MobileNetV2 at
-# 384 px) backbone time per image - at 0.56x that time (benchmarks/README.md, section 12). Its
+# 384 px) backbone time per image - at 0.56x that time (benchmarks/README.md, section 13). Its
 # image_size is the pipeline's default --image_size.
 DEFAULT = "efficientnet_lite0"
 

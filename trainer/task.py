@@ -123,8 +123,10 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
     return info, strategy, backbone
 
 
-def evaluate_run(info: DatasetInfo, result: TrainResult, options: TrainOptions, model_dir: str) -> Evaluation:
-    """Stage 3: per-label thresholds on val, test metrics and the report (plots) at them."""
+def evaluate_run(info: DatasetInfo, result: TrainResult, options: TrainOptions, model_dir: str,
+                 backbone: Backbone | None = None) -> Evaluation:
+    """Stage 3: per-label thresholds on val, test metrics and the report (plots) at them, and what
+    report.html needs (trainer/report.py; class activation maps when `backbone` allows them)."""
     from trainer import data
     from trainer.evaluation import evaluate, write_report
     from trainer.thresholds import tune_thresholds
@@ -152,7 +154,24 @@ def evaluate_run(info: DatasetInfo, result: TrainResult, options: TrainOptions, 
         for image, truth, probs in zip(images, test_true, test_probs)
     ]
     write_report(model_dir, metrics, result.history, samples)
+    _save_report_data(info, result, options, model_dir, backbone, test_probs, test_true, thresholds)
     return Evaluation(thresholds, tuned_on, val_f1, metrics, metrics["at_tuned"]["macro_f1"])
+
+
+def _save_report_data(info: DatasetInfo, result: TrainResult, options: TrainOptions, model_dir: str,
+                      backbone: Backbone | None, probs: np.ndarray, truth: np.ndarray, thresholds: np.ndarray) -> None:
+    """The test scores, thumbnails and maps report.html is built from; a failure costs the page, not the run."""
+    from trainer import report
+
+    try:
+        cam_note = (report.cam_unavailable(backbone, options.hidden_units) if backbone
+                    else "No class activation maps: the run handed no backbone to the evaluation.")
+        head = result.model.get_layer("head")
+        cam_maker = None if cam_note else (lambda images: report.class_activation_maps(backbone, head, images))
+        report.save_evaluation(model_dir, info, probs, truth, thresholds, cam_note, cam_maker)
+    except Exception:  # noqa: BLE001 - the report must never cost the user the model
+        log.exception("could not keep the test scores and gallery images for %s; the model is fine",
+                      model_files.REPORT_HTML)
 
 
 def write_outputs(task: TaskOptions, info: DatasetInfo, result: TrainResult, evaluation: Evaluation,
@@ -224,7 +243,7 @@ def _run_in(task: TaskOptions, options: TrainOptions, info: DatasetInfo, strateg
     tf.io.gfile.makedirs(task.model_dir)
     try:
         result = train(strategy, info, backbone, options, dirs)  # stage 2
-        evaluation = evaluate_run(info, result, options, task.model_dir)
+        evaluation = evaluate_run(info, result, options, task.model_dir, backbone)
     except tf.errors.DataLossError as err:
         from trainer.data import corrupt_dataset_error
 
@@ -249,7 +268,13 @@ def _run_in(task: TaskOptions, options: TrainOptions, info: DatasetInfo, strateg
         timings={**result.timings, "total_s": time.perf_counter() - start},
         tensorflow=tf.__version__,
     ).to_json()
-    storage.write_json(storage.join(task.model_dir, model_files.RUN_JSON), run_info)  # last: the run is done
+    storage.write_json(storage.join(task.model_dir, model_files.RUN_JSON), run_info)  # the run is done
+    from trainer import report
+
+    report.save_context(task.model_dir, dataset={
+        "path": info.data_dir, "image_size": info.image_size,
+        "splits": {name: info.split(name).examples for name in ("train", "val", "test")}})
+    report.write_logged(task.model_dir)
     return RunOutcome(result, evaluation.thresholds, evaluation.metrics, export_path, run_info, evaluation)
 
 
@@ -261,7 +286,8 @@ def summary(model_dir: str, export_path: str, run_info: dict[str, Any], evaluati
              f"thresholds: {evaluation.tuned_on} {evaluation.val_f1:.3f}, {test}",
              f"  SavedModel (serving_default: {model_files.INPUT_NAME} -> probabilities, predicted_labels): {export_path}"]
     written = [(model_files.METRICS_JSON, "test metrics"), (model_files.THRESHOLDS_JSON, "per-label thresholds"),
-               (model_files.RUN_JSON, "flags, timings"), (model_files.HISTORY_CSV, "every epoch")]
+               (model_files.RUN_JSON, "flags, timings"), (model_files.HISTORY_CSV, "every epoch"),
+               (model_files.REPORT_HTML, "the report to judge the model by (open in a browser)")]
     lines += [f"  {what}: {storage.join(model_dir, name)}" for name, what in written
               if storage.exists(storage.join(model_dir, name))]
     return "\n".join(lines)
