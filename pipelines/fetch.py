@@ -49,6 +49,7 @@ from urllib3.exceptions import (
 )
 from urllib3.util import parse_url
 
+from tagbeam import storage
 from tagbeam.dataset import unexpected
 from tagbeam.flags import at_least, check_fields, option, positive
 
@@ -618,40 +619,26 @@ def _read_body(response: urllib3.BaseHTTPResponse, url: str, options: FetchOptio
 # --- gs:// -----------------------------------------------------------------------------------
 
 _gcs_lock = threading.Lock()
-_gcs_client = None
-_gcs_key: tuple[int, str | None] | None = None
-# Remembered per key like the client: looking for credentials probes the metadata server, which
-# must not happen again for every gs:// row of a job that has none.
-_gcs_error: FetchError | None = None
+# Remembered per process and emulator setting: looking for credentials probes the metadata server,
+# which must not happen again for every gs:// row of a job that has none.
+_gcs_errors: dict[tuple[int, str | None], FetchError] = {}
 
 
 def _gcs():
-    """One google-cloud-storage client per process (per emulator setting, for tests)."""
-    global _gcs_client, _gcs_key, _gcs_error
-    from google.cloud import storage
+    """The process's google-cloud-storage client (tagbeam/storage.py), or the FetchError of having none."""
+    import google.auth.exceptions
 
     key = (os.getpid(), os.environ.get("STORAGE_EMULATOR_HOST"))
     with _gcs_lock:
-        if _gcs_key != key:
-            _gcs_client, _gcs_error, _gcs_key = None, None, key
-            if key[1]:
-                from google.auth.credentials import AnonymousCredentials
-
-                _gcs_client = storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "emulator"),
-                                             credentials=AnonymousCredentials())
-            else:
-                import google.auth.exceptions
-
-                try:
-                    _gcs_client = storage.Client()
-                except google.auth.exceptions.DefaultCredentialsError as err:
-                    _gcs_error = FetchError(
-                        "no_credentials", f"no Google credentials to read gs:// images ({err}); run `gcloud auth "
-                                          "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a "
-                                          "service account that can read the bucket")
-        if _gcs_error is not None:
-            raise _gcs_error
-        return _gcs_client
+        if key not in _gcs_errors:
+            try:
+                return storage.gcs_client()
+            except google.auth.exceptions.DefaultCredentialsError as err:
+                _gcs_errors[key] = FetchError(
+                    "no_credentials", f"no Google credentials to read gs:// images ({err}); run `gcloud auth "
+                                      "application-default login` or set GOOGLE_APPLICATION_CREDENTIALS to a "
+                                      "service account that can read the bucket")
+        raise _gcs_errors[key]
 
 
 def _get_gcs(uri: str, options: FetchOptions, known: Validators | None) -> Fetched:

@@ -35,7 +35,7 @@ from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, r
 from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection, StoredImages
 from tagbeam.flags import UsageError
-from tagbeam.workspace import Workspace
+from tagbeam.workspace import StateError, Workspace
 
 _LOG = logging.getLogger("pipelines.predict")
 ENTRY_POINT = "pipelines.predict"
@@ -100,7 +100,10 @@ def check_model(model_path: str) -> list[str]:
 def resolve_model(path: str) -> str:
     """The SavedModel version folder that `--model` designates (see its help)."""
     path = path.rstrip("/")
-    champion = Workspace(path).champion()
+    try:
+        champion = Workspace(path).champion()
+    except StateError as err:
+        raise UsageError(f"--model {path}: {err}") from None
     if champion:
         return champion.export_path
     if storage.exists(storage.join(path, model_files.SAVED_MODEL_PB)):

@@ -33,16 +33,18 @@ from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
 from pipelines.options import LabelOptions, ManifestOptions, SplitOptions
 from pipelines.reuse import ReuseOptions
-from tagbeam import console, dataset, export as model_files, flags, storage
+from tagbeam import console, dataset, export as model_files, flags, lease as leases, storage
 from tagbeam.dataset import DATASET_JSON
 from tagbeam.flags import UsageError, at_least, option, positive
-from tagbeam.workspace import Champion, Workspace
+from tagbeam.workspace import PROMOTED, RESTORE_CHAMPION, Champion, StateError, Workspace, relative
 from trainer.config import TrainOptions
 
 log = logging.getLogger("pipelines.retrain")
 
 ENTRY_POINT = "pipelines.retrain"
 STEPS = ("all", "preprocess", "check", "train", "promote")
+IF_HELD = ("skip", "wait", "fail")
+PROMOTE_ATTEMPTS = 5  # comparisons with a champion that keeps changing before the run gives up
 METRICS = ("macro_f1", "micro_f1", "macro_fbeta", "macro_average_precision")
 SCORING_BATCH = 64
 # The preprocess step's option groups, forwarded as given; --output, --overwrite, --vocab_file and
@@ -70,6 +72,14 @@ class RetrainOptions:
     keep_versions: int = option(5, check=positive, help="runs kept under runs/ (the champion's run is always kept)")
     full_rebuild: bool = option(False, help="fetch and decode every image again instead of reusing the stored images "
                                             "of the workspace's newest dataset for unchanged sources")
+    if_held: str = option("skip", choices=IF_HELD,
+                          help="when another live run holds the workspace: skip (exit 0; right for cron, the "
+                               "running night promotes), wait (up to --held_wait_s, then exit 1), or fail "
+                               "(exit 1); history.jsonl records it with the holder's run id")
+    held_wait_s: float = option(3600.0, check=positive, help="--if_held wait: how long to wait for the workspace")
+    restore_champion: bool = option(False, help="rebuild champion.json from history.jsonl (its newest promotion whose "
+                                                "model is still in the workspace), e.g. after it was cut short or "
+                                                "hand-edited, and exit; nothing is trained")
     flags_json: str | None = option(None, help="more arguments of this command as a JSON list of strings, for "
                                                "orchestrators that pass one string (Vertex AI Pipelines)")
 
@@ -142,7 +152,9 @@ def parse_args(argv: Sequence[str] | None) -> RetrainJob:
 
 def _with_recorded_options(job: RetrainJob, workspace: Workspace, run_id: str) -> RetrainJob:
     """A later step (train, promote) runs with the flags its run's first step recorded, then its own."""
-    recorded = storage.read_json_if_exists(workspace.run_options(run_id))
+    recorded = storage.read_state_json(workspace.run_options(run_id),
+                                       f"run {run_id}'s first step recorded its flags there; start the run again "
+                                       "from --step preprocess (with a new --run_id)", ("argv",))
     if not recorded:
         return job
     return parse_args([*recorded["argv"], *job.argv])
@@ -166,7 +178,12 @@ def newest_dataset(workspace: Workspace, run_id: str) -> str | None:
     (by dataset.json's `created`, so run ids of any form order right)."""
     written = []
     for other in workspace.runs():
-        meta = storage.read_json_if_exists(storage.join(workspace.dataset_dir(other), DATASET_JSON))
+        try:
+            meta = storage.read_state_json(storage.join(workspace.dataset_dir(other), DATASET_JSON),
+                                           "not reused: its images are fetched again")
+        except StateError as err:  # only a source of images to reuse, like a cache entry: a miss
+            log.warning("%s", err)
+            continue
         if other != run_id and meta:
             written.append((meta.get("created", ""), other))
     return workspace.dataset_dir(max(written)[1]) if written else None
@@ -229,7 +246,11 @@ def _load_servable(export_dir: str, labels: list[str]) -> tuple[Any, Any]:
     if model_labels != labels:
         raise StepError(f"{export_dir} predicts labels {model_labels}, the dataset has {labels}: "
                         "they cannot be compared on the same test split")
-    _, thresholds = model_files.read_thresholds(export_dir)
+    named, thresholds = model_files.read_thresholds(export_dir)
+    if named != model_labels:
+        raise StateError(f"{model_files.asset_path(export_dir, model_files.THRESHOLDS_JSON)} has thresholds for "
+                         f"{len(named)} labels that are not its labels.txt's {len(model_labels)}: export the model "
+                         "again with `python -m trainer.task`")
     signature = tf.saved_model.load(export_dir).signatures[model_files.SIGNATURE_NAME]
     return signature, np.asarray(thresholds, np.float32)
 
@@ -283,13 +304,10 @@ def decide(challenger: float, champion: float | None, tolerance: float, floor: f
     return True, f"challenger {challenger:.4f} >= champion {champion:.4f} - tolerance {tolerance:.4f}"
 
 
-def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> dict:
-    """Scores both models on this run's test split and moves champion.json if the gate passes."""
+def _compare(job: RetrainJob, workspace: Workspace, run_id: str, run_info: Any,
+             champion: Champion | None) -> dict:
+    """Scores challenger and champion on this run's test split and applies the gate."""
     gate = job.retrain
-    run_info = model_files.read_run_info(workspace.model_dir(run_id))
-    if run_info is None:
-        raise StepError(f"{workspace.model_dir(run_id)} has no finished training run (run.json with export_path): "
-                        "run the train step")
     exports = [run_info.export_path] + ([champion.export_path] if champion else [])
     examples, metrics = score_exports(workspace.dataset_dir(run_id), exports, job.train.beta)
     night_report.save_comparison(workspace, run_id, examples, metrics)
@@ -300,29 +318,51 @@ def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, champion: C
         champion_metrics = metrics[1]
         champion_value = gate_value(champion_metrics, gate.metric)
     promote, reason = decide(challenger, champion_value, gate.tolerance, gate.min_metric)
-    decision = {
+    return {
         "run_id": run_id,
         "metric": gate.metric,
         "test_examples": examples,
-        "challenger": {"export_path": run_info.export_path, "value": challenger,
+        "challenger": {"export_path": relative(workspace.root, run_info.export_path), "value": challenger,
                        "macro_f1": challenger_metrics["at_tuned"]["macro_f1"],
                        "macro_average_precision": challenger_metrics["macro_average_precision"]},
         "champion": None if not champion else {
-            "run_id": champion.run_id, "export_path": champion.export_path, "value": champion_value,
+            "run_id": champion.run_id, "export_path": relative(workspace.root, champion.export_path),
+            "value": champion_value,
             "macro_f1": champion_metrics["at_tuned"]["macro_f1"],
             "macro_average_precision": champion_metrics["macro_average_precision"]},
         "promoted": promote,
         "reason": reason,
     }
-    storage.write_json(workspace.decision(run_id), decision)
-    if promote:
-        workspace.set_champion(Champion(
-            run_id=run_id, export_path=run_info.export_path,
-            labels_file=storage.join(workspace.model_dir(run_id), model_files.LABELS_TXT),
-            metric=gate.metric, value=challenger,
-            promoted_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")))
-    log.info("[promote] %s: %s", "PROMOTED" if promote else "refused", reason)
-    return decision
+
+
+def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, lease: leases.Lease) -> dict:
+    """Compares the challenger with the champion read now, under the lease, and replaces
+    champion.json only if it still is what was compared with (a compare-and-swap); a challenger
+    that lost a race is compared again with the new champion."""
+    run_info = model_files.read_run_info(workspace.model_dir(run_id))
+    if run_info is None:
+        raise StepError(f"{workspace.model_dir(run_id)} has no finished training run (run.json with export_path): "
+                        "run the train step")
+    for attempt in range(1, PROMOTE_ATTEMPTS + 1):
+        champion, version = workspace.champion_versioned()
+        if champion and not storage.exists(storage.join(champion.export_path, model_files.SAVED_MODEL_PB)):
+            raise StepError(f"{workspace.champion_file} names the model {champion.export_path}, which is gone: "
+                            f"{workspace.restore_hint}")
+        decision = {**_compare(job, workspace, run_id, run_info, champion), "comparisons": attempt}
+        if decision["promoted"]:
+            lease.check()
+            new = Champion(run_id=run_id, export_path=run_info.export_path,
+                           labels_file=storage.join(workspace.model_dir(run_id), model_files.LABELS_TXT),
+                           metric=job.retrain.metric, value=decision["challenger"]["value"],
+                           promoted_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            if not workspace.replace_champion(new, version):
+                log.warning("[promote] champion.json changed while the models were compared (another run "
+                            "promoted): comparing again with the new champion")
+                continue
+        storage.write_json(workspace.decision(run_id), decision)
+        log.info("[promote] %s: %s", "PROMOTED" if decision["promoted"] else "refused", decision["reason"])
+        return decision
+    raise StepError(f"champion.json changed during each of {PROMOTE_ATTEMPTS} comparisons; nothing was promoted")
 
 
 def prune_runs(workspace: Workspace, keep: int, champion_run: str | None) -> list[str]:
@@ -335,7 +375,8 @@ def prune_runs(workspace: Workspace, keep: int, champion_run: str | None) -> lis
 
 
 def _dataset_counts(workspace: Workspace, run_id: str) -> dict | None:
-    meta = storage.read_json_if_exists(storage.join(workspace.dataset_dir(run_id), DATASET_JSON))
+    meta = storage.read_state_json(storage.join(workspace.dataset_dir(run_id), DATASET_JSON),
+                                   "rerun the preprocess step")
     if not meta:
         return None
     return {"input_rows": meta["input_rows"], "rejected": meta["rejected"],
@@ -354,6 +395,51 @@ def _run_id(job: RetrainJob, workspace: Workspace) -> str:
     return _new_run_id()
 
 
+def _hold(job: RetrainJob, workspace: Workspace, run_id: str) -> leases.Lease:
+    """The workspace's lease for this run (this step of it, under --step), per --if_held."""
+    def waiting(holder: leases.Holder, left: float) -> None:
+        log.info("[lease] the workspace is held by %s; waiting, %.0f s left of --held_wait_s", holder.describe(), left)
+
+    wait_s = job.retrain.held_wait_s if job.retrain.if_held == "wait" else 0.0
+    return leases.acquire(workspace.lease_file, run_id, wait_s, waiting)
+
+
+def _held(job: RetrainJob, workspace: Workspace, record: dict[str, Any], held: leases.Held) -> int:
+    """Records and reports a run that did not get the workspace."""
+    policy = job.retrain.if_held
+    record.update(held_by=held.holder.run_id, holder=held.holder.to_json(), waited_s=round(held.waited_s, 1))
+    if policy == "skip":
+        record.update(outcome="skipped", reason=f"{held}; nothing was done (--if_held skip)")
+        workspace.append_history(record)
+        print(f"[retrain] run {record['run_id']}: skipped: {record['reason']}; history {workspace.history_file}")
+        return 0
+    waited = f" after waiting {held.waited_s:.0f} s (--held_wait_s)" if policy == "wait" else " (--if_held fail)"
+    record.update(outcome="failed", reason=f"{held}{waited}")
+    workspace.append_history(record)
+    print(f"error: {record['reason']}; nothing was done, the champion is unchanged", file=sys.stderr)
+    return 1
+
+
+def restore_champion(workspace: Workspace, run_id: str, lease: leases.Lease) -> int:
+    """--restore_champion: champion.json rebuilt from history.jsonl, under the lease."""
+    champion = workspace.champion_from_history()
+    if champion is None:
+        print(f"error: {workspace.history_file} records no promotion whose model is still in the workspace: nothing "
+              f"to restore; delete {workspace.champion_file} to let the next run promote without a champion",
+              file=sys.stderr)
+        return 1
+    _, version = storage.read_versioned(workspace.champion_file)  # whatever is there now, unreadable or not
+    lease.check()
+    if not workspace.replace_champion(champion, version):
+        raise StepError(f"{workspace.champion_file} changed while it was rebuilt; run {RESTORE_CHAMPION} again")
+    workspace.append_history({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                              "run_id": run_id, "step": "restore_champion", "outcome": "champion restored",
+                              "champion": champion.run_id})
+    print(f"[retrain] {workspace.champion_file} rebuilt from {workspace.history_file}: run {champion.run_id} "
+          f"({champion.metric} {champion.value:.4f}, promoted {champion.promoted_at}), model {champion.export_path}")
+    return 0
+
+
 def check_paths(job: RetrainJob) -> None:
     """The preprocess step's paths against the Beam options it is given, before any step runs (it
     checks them again itself): its dataset folder is under --workspace."""
@@ -364,16 +450,38 @@ def check_paths(job: RetrainJob) -> None:
 def run(job: RetrainJob) -> int:
     workspace = Workspace(job.retrain.workspace)
     storage.makedirs(storage.join(workspace.root, "runs"))
+    if job.retrain.restore_champion:
+        run_id = _new_run_id()
+        try:
+            lease = _hold(job, workspace, run_id)
+        except leases.Held as held:
+            raise StepError(f"{held}: run {RESTORE_CHAMPION} when it is done") from None
+        with lease:
+            return restore_champion(workspace, run_id, lease)
     run_id = _run_id(job, workspace)
     if job.retrain.step in ("check", "train", "promote"):
         job = _with_recorded_options(job, workspace, run_id)
-    champion = workspace.champion()
     started = dt.datetime.now(dt.timezone.utc)
     record: dict[str, Any] = {"time": started.isoformat(timespec="seconds"), "run_id": run_id,
-                              "step": job.retrain.step, "input": job.manifest.input,
-                              "champion_before": champion and champion.run_id}
+                              "step": job.retrain.step, "input": job.manifest.input}
+    try:
+        lease = _hold(job, workspace, run_id)
+    except leases.Held as held:
+        return _held(job, workspace, record, held)
+    with lease:
+        if lease.took_over:
+            record["took_over_from"] = lease.took_over.run_id
+        if lease.waited_s >= 1:
+            record["waited_s"] = round(lease.waited_s, 1)
+        return _run_holding(job, workspace, run_id, lease, record, started)
+
+
+def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leases.Lease, record: dict[str, Any],
+                 started: dt.datetime) -> int:
     steps = STEPS[1:] if job.retrain.step == "all" else (job.retrain.step,)
     try:
+        champion = workspace.champion()
+        record["champion_before"] = champion and champion.run_id
         for step in steps:
             if step == "preprocess":
                 preprocess_step(job, workspace, run_id, champion)
@@ -383,9 +491,9 @@ def run(job: RetrainJob) -> int:
             elif step == "train":
                 _subprocess("train", train_argv(job, workspace, run_id))
             else:
-                record["decision"] = promote_step(job, workspace, run_id, champion)
+                record["decision"] = promote_step(job, workspace, run_id, lease)
     except Exception as e:  # noqa: BLE001 - every failure must be recorded before exiting non-zero
-        if not isinstance(e, StepError):
+        if not isinstance(e, (StepError, StateError, leases.LeaseLost)):
             log.exception("unexpected failure")
         record.update(outcome="failed", reason=f"{type(e).__name__}: {e}")
         report = storage.read_json_if_exists(workspace.health(run_id)) if "check" in steps else None
@@ -395,7 +503,7 @@ def run(job: RetrainJob) -> int:
         night_report.write_logged(workspace, run_id, record)
         print(f"error: {e}; the champion is unchanged", file=sys.stderr)
         return 1
-    record["outcome"] = "promoted" if record.get("decision", {}).get("promoted") else (
+    record["outcome"] = PROMOTED if record.get("decision", {}).get("promoted") else (
         "refused" if "decision" in record else "step done")
     if "promote" in steps:
         current = workspace.champion()
@@ -422,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         return unusable
     try:
         return run(job)
-    except StepError as e:
+    except (StepError, StateError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -75,12 +75,27 @@ def parse_thresholds_json(text: str) -> tuple[list[str], list[float]]:
     return list(mapping), [float(v) for v in mapping.values()]
 
 
+_EXPORT_AGAIN = "export the model again with `python -m trainer.task`"
+
+
 def read_labels(export_dir: str) -> list[str]:
-    return dataset.read_labels(asset_path(export_dir, LABELS_TXT))
+    path = asset_path(export_dir, LABELS_TXT)
+    try:
+        labels = dataset.read_labels(path)
+    except UnicodeDecodeError as err:
+        raise storage.BadFile(f"{path} is not UTF-8 text ({err}): {_EXPORT_AGAIN}") from None
+    if not labels:
+        raise storage.BadFile(f"{path} lists no label: {_EXPORT_AGAIN}")
+    return labels
 
 
 def read_thresholds(export_dir: str) -> tuple[list[str], list[float]]:
-    return parse_thresholds_json(storage.read_text(asset_path(export_dir, THRESHOLDS_JSON)))
+    path = asset_path(export_dir, THRESHOLDS_JSON)
+    try:
+        return parse_thresholds_json(storage.read_text(path))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        raise storage.BadFile(f"{path} is not a thresholds file ({type(err).__name__}: {err}): "
+                              f"{_EXPORT_AGAIN}") from None
 
 
 def read_stored_images(export_dir: str) -> dataset.StoredImages | None:
@@ -135,5 +150,6 @@ class RunInfo:
 
 def read_run_info(model_dir: str) -> RunInfo | None:
     """The run.json of `model_dir`, or None when no run finished there."""
-    meta = storage.read_json_if_exists(storage.join(model_dir, RUN_JSON))
+    meta = storage.read_state_json(storage.join(model_dir, RUN_JSON),
+                                   "trainer.task writes it last; train that model again")
     return RunInfo.from_json(meta) if meta and meta.get("export_path") else None

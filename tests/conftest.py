@@ -110,6 +110,49 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _honour_generation_preconditions() -> None:
+    """gcp-storage-emulator ignores `ifGenerationMatch` (checked: it creates over an existing object
+    with if_generation_match=0 and deletes with a wrong generation). Real GCS honours it, and the
+    workspace lease, champion compare-and-swap and history appends rely on it, so the emulator's
+    upload and delete handlers get the check GCS makes: 412 unless the object's current generation
+    (0: none) is the one given. Its HTTP server is single-threaded, so check and write are one step."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects, "_tagbeam_preconditions", False):
+        return
+
+    def checked(handler):
+        def handle(request, response, storage, *args, **kwargs):
+            wanted = request.query.get("ifGenerationMatch")
+            if wanted:
+                name = request.params.get("object_id") or (request.query.get("name") or [None])[0]
+                if name is None and isinstance(request.data, dict):
+                    name = request.data.get("meta", {}).get("name")
+                try:
+                    current = str(storage.get_file_obj(request.params["bucket_name"], name).get("generation"))
+                except NotFound:
+                    current = "0"
+                if current != wanted[0]:
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                    return None
+            return handler(request, response, storage, *args, **kwargs)
+        return handle
+
+    for original in (objects.insert, objects.delete):
+        wrapped = checked(original)
+        for _, handlers in server.HANDLERS:
+            for method, handler in handlers.items():
+                if handler is original:
+                    handlers[method] = wrapped
+        setattr(objects, original.__name__, wrapped)  # the router's fallback for uploads looks it up here
+    objects._tagbeam_preconditions = True
+
+
 @pytest.fixture(scope="session")
 def gcs_emulator() -> Iterator[str]:
     """Starts gcp-storage-emulator and points google-cloud-storage (and Beam's gcsio) at it.
@@ -119,6 +162,7 @@ def gcs_emulator() -> Iterator[str]:
     """
     from gcp_storage_emulator.server import create_server
 
+    _honour_generation_preconditions()
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()

@@ -82,3 +82,54 @@ def test_a_second_run_extracts_only_the_images_it_has_not_seen(tiny_backbone, tm
         for a, b in zip(from_store, fresh_arrays):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert json.load(open(tmp_path / "m2" / "metrics.json")) == json.load(open(tmp_path / "m3" / "metrics.json"))
+
+
+def test_a_cut_short_pack_costs_one_recomputation_not_every_night(tiny_backbone, tmp_path, caplog):
+    # A full disk or a killed upload: the store must never stop the training it speeds up.
+    import logging
+
+    data_dir = write_dataset(str(tmp_path / "night1"), {"train": 32, "val": 8, "test": 8}, 32, LABELS, seed=5)
+    store = tmp_path / "features"
+
+    def train(name: str) -> dict:
+        args = task.parse_args(["--data_dir", data_dir, "--model_dir", str(tmp_path / name), "--hub_handle",
+                                tiny_backbone, "--epochs", "2", "--batch_size", "16", "--feature_store", str(store)])
+        return task.run(*args).run_info
+
+    assert train("m1")["timings"]["feature_extraction_images"] == 48
+    packs = sorted(store.glob("*/pack-*.npz"))  # one per split
+    assert len(packs) == 3
+    pack = packs[0]
+    with np.load(pack) as content:
+        lost = len(content["keys"])
+    pack.write_bytes(pack.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="trainer.features"):
+        assert train("m2")["timings"]["feature_extraction_images"] == lost  # those images, recomputed
+    (line,) = [r.getMessage() for r in caplog.records if str(pack) in r.getMessage()]
+    assert "unreadable" in line and "set aside" in line
+    assert not pack.exists() and len(list(pack.parent.glob(pack.name + ".bad-*"))) == 1
+    caplog.clear()
+    assert train("m3")["timings"]["feature_extraction_images"] == 0  # one bad pack, one recomputation
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "features" in r.name]
+
+
+def test_a_cut_feature_cache_entry_is_a_miss_and_is_set_aside(tiny_backbone, tmp_path, caplog):
+    import logging
+    import types
+
+    from tagbeam import dataset
+    from trainer.train import FeatureCache
+
+    info = dataset.read(write_dataset(str(tmp_path / "data"), {"train": 4, "val": 2, "test": 2}, 32, LABELS, seed=6))
+    cache = FeatureCache(str(tmp_path / "feature_cache"), info, types.SimpleNamespace(path=tiny_backbone))
+    features, labels = np.ones((4, 8), np.float32), np.zeros((4, len(LABELS)), np.float32)
+    cache.save("train", features, labels)
+    (entry,) = (tmp_path / "feature_cache").glob("*/train-features.npy")
+    entry.write_bytes(entry.read_bytes()[:60])
+    with caplog.at_level(logging.WARNING, logger="trainer.train"):
+        assert cache.load("train") is None
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "trainer.train"]
+    assert "unreadable" in line and "extracting again" in line
+    assert not entry.exists() and len(list(entry.parent.glob("train-*.npy.bad-*"))) == 2
+    cache.save("train", features, labels)
+    np.testing.assert_array_equal(cache.load("train")[0], features)

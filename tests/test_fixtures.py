@@ -52,3 +52,23 @@ def test_network_beyond_this_machine_is_refused_and_recorded():
         socket.getaddrinfo("example.com", 443)
     assert conftest.OUTBOUND_ATTEMPTS[before:] == ["connect ('192.0.2.1', 80)", "resolve example.com"]
     del conftest.OUTBOUND_ATTEMPTS[before:]  # expected here; any other attempt fails the session
+
+
+def test_gcs_emulator_honours_generation_preconditions(gcs_bucket):
+    # Real GCS does; the workspace lease and champion compare-and-swap rely on it (conftest.py).
+    from google.api_core.exceptions import PreconditionFailed
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    bucket = storage.Client(project="test-project", credentials=AnonymousCredentials()).bucket(gcs_bucket)
+    first = bucket.blob("lease")
+    first.upload_from_string(b"one", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        bucket.blob("lease").upload_from_string(b"two", if_generation_match=0)
+    with pytest.raises(PreconditionFailed):
+        bucket.blob("lease").upload_from_string(b"two", if_generation_match=first.generation + 1)
+    with pytest.raises(PreconditionFailed):
+        bucket.blob("lease").delete(if_generation_match=first.generation + 1)
+    assert bucket.blob("lease").download_as_bytes() == b"one"
+    bucket.blob("lease").upload_from_string(b"three", if_generation_match=first.generation)
+    assert bucket.blob("lease").download_as_bytes() == b"three"

@@ -76,21 +76,162 @@ def test_promote_refuse_and_survive_a_kill(manifest, tmp_path):
     killed.wait()
     assert champion_file.read_bytes() == champion_bytes
     assert len(_history(workspace)) == 1
+    # It held the workspace when it was killed, and could not give the lease back.
+    killed_run = json.loads((workspace / "workspace.lease").read_text())["run_id"]
+    assert killed_run != champion["run_id"]
 
-    # The next run works, and a deliberately worse challenger is refused.
+    # The next run takes the dead run's lease over (and says so), and a deliberately worse
+    # challenger is refused.
     worse = _retrain(workspace, manifest, "--epochs", "1", "--learning_rate", "1e-6")
     out, _ = worse.communicate(timeout=600)
     assert worse.returncode == 0, out
+    assert f"took over the workspace lease {workspace / 'workspace.lease'} from run {killed_run}" in out
+    assert "is gone" in out
+    assert not (workspace / "workspace.lease").exists()
     record = _history(workspace)[-1]
+    assert record["took_over_from"] == killed_run
     assert record["outcome"] == "refused", record
     assert record["decision"]["champion"]["run_id"] == champion["run_id"]
     assert record["decision"]["challenger"]["value"] < record["decision"]["champion"]["value"] - 0.02
     assert champion_file.read_bytes() == champion_bytes
     # Label order was carried over from the champion's vocabulary.
     new_run = workspace / "runs" / record["run_id"]
-    assert (new_run / "dataset" / "labels.txt").read_text() == Path(champion["labels_file"]).read_text()
+    assert (new_run / "dataset" / "labels.txt").read_text() == (workspace / champion["labels_file"]).read_text()
     # Both models were scored on the same test split.
     assert record["decision"]["test_examples"] > 0
+
+
+def test_two_retrains_started_together_promote_what_the_gate_prefers(manifest, tmp_path):
+    # A good and a deliberately poor challenger start at the same moment on a fresh workspace and
+    # wait for each other; a third run started meanwhile (the default, --if_held skip) only records
+    # that it was skipped. Whichever order they get the workspace in, the good one is the champion.
+    workspace = tmp_path / "ws"
+    good = _retrain(workspace, manifest, "--run_id", "good", "--if_held", "wait", "--epochs", "8",
+                    "--learning_rate", "0.003")
+    poor = _retrain(workspace, manifest, "--run_id", "poor", "--if_held", "wait", "--epochs", "1",
+                    "--learning_rate", "1e-6")
+    lease_file = workspace / "workspace.lease"
+    deadline = time.time() + 120
+    while not lease_file.exists() and time.time() < deadline:
+        time.sleep(0.2)
+    skipped = _retrain(workspace, manifest, "--run_id", "cron")
+    out, _ = skipped.communicate(timeout=300)
+    assert skipped.returncode == 0, out
+    assert "skipped: the workspace is held by run " in out
+    outs = {}
+    for name, proc in (("good", good), ("poor", poor)):
+        outs[name], _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, outs[name]
+    records = {r["run_id"]: r for r in _history(workspace)}
+    assert set(records) == {"good", "poor", "cron"} and len(_history(workspace)) == 3
+    assert records["cron"]["outcome"] == "skipped" and records["cron"]["held_by"] in ("good", "poor")
+    assert "decision" not in records["cron"] and not (workspace / "runs" / "cron").exists()
+    first, second = (r for r in _history(workspace) if r["run_id"] != "cron")
+    assert "waited_s" in second and "waiting" in outs[second["run_id"]]
+    # One decision per comparison; the later run compared with what the earlier one left.
+    assert first["champion_before"] is None and first["decision"]["champion"] is None
+    first_champion = first["run_id"] if first["outcome"] == "promoted" else None
+    assert second["champion_before"] == first_champion
+    assert (second["decision"]["champion"] or {}).get("run_id") == first_champion
+    assert first["decision"]["comparisons"] == second["decision"]["comparisons"] == 1
+    assert records["good"]["outcome"] == "promoted"
+    if first["run_id"] == "good":  # poor first: with no champion yet, it may clear the floor and be promoted
+        assert records["poor"]["outcome"] == "refused"
+        assert second["decision"]["challenger"]["value"] < second["decision"]["champion"]["value"] - 0.02
+    else:
+        assert second["decision"]["challenger"]["value"] >= (second["decision"]["champion"] or {}).get("value", 0) - 0.02
+    assert json.loads((workspace / "champion.json").read_text())["run_id"] == "good"
+    assert not lease_file.exists()
+
+
+@pytest.mark.parametrize("where", ["local", "gs"])
+def test_a_held_workspace_is_skipped_waited_for_or_refused_and_recorded(where, tmp_path, request, capsys):
+    from tagbeam import lease
+
+    if where == "gs":
+        request.getfixturevalue("emulator_credentials")
+        root = f"gs://{request.getfixturevalue('gcs_bucket')}/ws"
+    else:
+        root = str(tmp_path / "ws")
+    from tagbeam.workspace import Workspace
+
+    workspace = Workspace(root)
+    common = ["--workspace", root, "--input", str(tmp_path / "never-read.csv")]
+    with lease.acquire(workspace.lease_file, "holder"):
+        assert retrain.main([*common, "--run_id", "s"]) == 0
+        assert "skipped: the workspace is held by run holder" in capsys.readouterr().out
+        assert retrain.main([*common, "--run_id", "f", "--if_held", "fail"]) == 1
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert "held by run holder" in line and "--if_held fail" in line
+        lease.POLL_S, saved = 0.2, lease.POLL_S
+        try:
+            assert retrain.main([*common, "--run_id", "w", "--if_held", "wait", "--held_wait_s", "0.5"]) == 1
+        finally:
+            lease.POLL_S = saved
+        (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert "held by run holder" in line and "s (--held_wait_s)" in line
+    records = workspace.history()
+    assert [(r["run_id"], r["outcome"], r["held_by"]) for r in records] == [
+        ("s", "skipped", "holder"), ("f", "failed", "holder"), ("w", "failed", "holder")]
+    assert records[2]["waited_s"] >= 0.5
+
+
+def test_a_workspace_survives_a_cut_pack_a_cut_champion_and_a_copy(manifest, tmp_path):
+    import shutil
+
+    original = tmp_path / "ws"
+    done = _retrain(original, manifest, "--epochs", "8", "--learning_rate", "0.003")
+    out, _ = done.communicate(timeout=600)
+    assert done.returncode == 0, out
+    champion = json.loads((original / "champion.json").read_text())
+    # Written relative to the workspace: a copy uses its own files.
+    assert champion["export_path"].startswith(f"runs/{champion['run_id']}/model/export/")
+    assert champion["labels_file"] == f"runs/{champion['run_id']}/model/labels.txt"
+    assert _history(original)[-1]["decision"]["challenger"]["export_path"] == champion["export_path"]
+
+    # A cut-short champion.json: one error line saying what to do, nothing run, nothing promoted.
+    good = (original / "champion.json").read_bytes()
+    (original / "champion.json").write_bytes(good[:30])
+    cut = _retrain(original, manifest, "--epochs", "1")
+    out, _ = cut.communicate(timeout=300)
+    assert cut.returncode == 1, out
+    (line,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert str(original / "champion.json") in line and "not valid JSON" in line and "--restore_champion" in line
+    assert "Traceback" not in out
+    assert (original / "champion.json").read_bytes() == good[:30]
+    assert _history(original)[-1]["outcome"] == "failed"
+    restore = _python_m("pipelines.retrain", "--workspace", str(original), "--restore_champion")
+    assert restore.returncode == 0, restore.stderr[-3000:]
+    assert f"rebuilt from {original / 'history.jsonl'}: run {champion['run_id']}" in restore.stdout
+    restored = json.loads((original / "champion.json").read_text())
+    assert {k: restored[k] for k in ("run_id", "export_path", "labels_file", "metric", "value")} == {
+        k: champion[k] for k in ("run_id", "export_path", "labels_file", "metric", "value")}
+
+    # An older workspace's absolute paths, then a copy whose original is deleted, with a feature
+    # pack cut short: the copy's night recomputes those features and compares with its own champion.
+    (original / "champion.json").write_text(json.dumps(
+        {**champion, "export_path": str(original / champion["export_path"]),
+         "labels_file": str(original / champion["labels_file"])}))
+    copy = tmp_path / "ws-copy"
+    shutil.copytree(original, copy)
+    shutil.rmtree(original)
+    pack = sorted((copy / "features").glob("*/pack-*.npz"))[0]
+    pack.write_bytes(pack.read_bytes()[:100])
+    night = _retrain(copy, manifest, "--epochs", "8", "--learning_rate", "0.003", "--seed", "4")
+    out, _ = night.communicate(timeout=600)
+    assert night.returncode == 0, out
+    assert f"feature pack {pack} is unreadable" in out and "set aside" in out
+    record = _history(copy)[-1]
+    assert record["outcome"] in ("promoted", "refused") and record["champion_before"] == champion["run_id"]
+    assert record["decision"]["champion"]["export_path"] == champion["export_path"]  # the copy's own model
+    assert str(original) not in json.dumps(record["decision"])
+    run_json = json.loads((copy / "runs" / record["run_id"] / "model" / "run.json").read_text())
+    assert 0 < run_json["timings"]["feature_extraction_images"] < record["data"]["input_rows"]
+    from tagbeam.workspace import Workspace
+
+    now = Workspace(str(copy)).champion()  # a refused night leaves the older absolute form in place
+    assert now.run_id == (record["run_id"] if record["outcome"] == "promoted" else champion["run_id"])
+    assert now.export_path.startswith(str(copy)) and (Path(now.export_path) / "saved_model.pb").exists()
 
 
 def _http_manifest(source: str, server, rows: int, relabel: dict[str, str] | None = None,
@@ -149,7 +290,7 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         relabel = {key: "Sneaker" if genres[key] != "Sneaker" else "Bag" for key in list(genres)[:5]}
         before = len(server.answers)
         night2 = _write_csv(tmp_path / "night2.csv", _http_manifest(manifest, server, 220, relabel))
-        vocab = json.loads(champion_bytes)["labels_file"]
+        vocab = str(workspace / json.loads(champion_bytes)["labels_file"])  # relative to the workspace
         done = _retrain(workspace, night2, "--epochs", "8", "--allow_loopback")
         out, _ = done.communicate(timeout=600)
         assert done.returncode == 0, out
@@ -215,9 +356,8 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
         server.stop()
 
 
-def test_a_gs_workspace_reuses_its_newest_dataset(gcs_bucket, emulator_credentials, tmp_path):
-    # The data steps on a gs:// workspace (the GCS emulator). TensorFlow's own file system cannot reach
-    # an emulator, so the train step is tested on local workspaces only.
+def _gs_images(gcs_bucket: str, count: int) -> tuple[object, list[str]]:
+    """(the bucket, manifest rows) for `count` small random JPEGs under images/ on the emulator."""
     import io
 
     import numpy as np
@@ -227,11 +367,18 @@ def test_a_gs_workspace_reuses_its_newest_dataset(gcs_bucket, emulator_credentia
 
     bucket = storage.Client(project="test-project", credentials=AnonymousCredentials()).bucket(gcs_bucket)
     rows = []
-    for i in range(14):
+    for i in range(count):
         out = io.BytesIO()
         Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(out, "JPEG")
         bucket.blob(f"images/{i}.jpg").upload_from_string(out.getvalue())
         rows.append(f"k{i},images/{i}.jpg,{'cat' if i % 2 else 'dog'}\n")
+    return bucket, rows
+
+
+def test_a_gs_workspace_reuses_its_newest_dataset(gcs_bucket, emulator_credentials, tmp_path):
+    # The data steps on a gs:// workspace (the GCS emulator). TensorFlow's own file system cannot reach
+    # an emulator, so the train step is tested on local workspaces only.
+    bucket, rows = _gs_images(gcs_bucket, 14)
     workspace = f"gs://{gcs_bucket}/ws"
     common = ["--workspace", workspace, "--id_column", "key", "--image_size", "32"]
     for night, count in (("night1", 12), ("night2", 14)):
@@ -249,6 +396,39 @@ def test_a_gs_workspace_reuses_its_newest_dataset(gcs_bucket, emulator_credentia
     steps = [(r["run_id"], r["step"], r["outcome"]) for r in
              map(json.loads, bucket.blob("ws/history.jsonl").download_as_text().splitlines())]
     assert steps == [(n, s, "step done") for n in ("night1", "night2") for s in ("preprocess", "check")]
+
+
+def test_two_retrains_started_together_on_a_gs_workspace(gcs_bucket, emulator_credentials):
+    # The steps that run on the emulator (preprocess: Beam and google-cloud-storage); the lease is an
+    # object created with if_generation_match=0, history lines are appended with generation
+    # preconditions. Training and promotion need TensorFlow's file system, which cannot reach an
+    # emulator: their concurrency is tested on local workspaces, champion.json's compare-and-swap on
+    # gs:// in tests/test_lease.py.
+    bucket, rows = _gs_images(gcs_bucket, 8)
+    bucket.blob("m.csv").upload_from_string("key,uri,labels\n" + "".join(rows))
+    workspace = f"gs://{gcs_bucket}/ws"
+    common = ["pipelines.retrain", "--workspace", workspace, "--id_column", "key", "--image_size", "32",
+              "--step", "preprocess", "--input", f"gs://{gcs_bucket}/m.csv"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    procs = {run_id: subprocess.Popen([sys.executable, "-m", *common, "--run_id", run_id, "--if_held", "wait"],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+             for run_id in ("a", "b")}
+    deadline = time.time() + 120
+    while bucket.get_blob("ws/workspace.lease") is None and time.time() < deadline:
+        time.sleep(0.2)
+    skipped = _python_m(*common, "--run_id", "c")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "skipped: the workspace is held by run " in skipped.stdout
+    outs = {run_id: proc.communicate(timeout=600)[0] for run_id, proc in procs.items()}
+    assert all(proc.returncode == 0 for proc in procs.values()), outs
+    records = [json.loads(line) for line in bucket.blob("ws/history.jsonl").download_as_text().splitlines()]
+    assert sorted(r["run_id"] for r in records) == ["a", "b", "c"]
+    (cron,) = [r for r in records if r["run_id"] == "c"]
+    assert cron["outcome"] == "skipped" and cron["held_by"] in ("a", "b")
+    first, second = [r for r in records if r["run_id"] != "c"]
+    assert first["outcome"] == second["outcome"] == "step done"
+    assert "waited_s" in second and "waiting" in outs[second["run_id"]]
+    assert bucket.get_blob("ws/workspace.lease") is None
 
 
 def test_failed_step_exits_nonzero_and_is_recorded(tmp_path):

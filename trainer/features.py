@@ -11,7 +11,9 @@ identical), needs to run the backbone only on the images it has not seen:
 Each run that extracts something adds one pack holding only what it extracted (written to a
 temporary name and renamed: a killed run leaves no partial pack; two runs at once write two packs).
 Labels never come from the store: they are read from the dataset, so relabelled rows train with
-their new labels. Packs are never rewritten; delete the folder to reclaim the space.
+their new labels. Packs are never rewritten; delete the folder to reclaim the space. A pack that
+cannot be read (cut short by a full disk or a killed upload, or not a pack) is a miss: it is
+logged, renamed to `<pack>.bad-<UTC time>` and its images' features are extracted again.
 """
 from __future__ import annotations
 
@@ -64,6 +66,17 @@ def image_keys(info: DatasetInfo, split: str) -> tuple[np.ndarray, np.ndarray]:
     return digests, np.concatenate(labels) if labels else np.zeros((0, info.num_labels), np.float32)
 
 
+def _read_pack(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """(keys [n, 32] uint8, features [n, D] float32) of a pack; ValueError if it is not one."""
+    with np.load(io.BytesIO(storage.read_bytes(path))) as pack:
+        keys, features = pack["keys"], pack["features"]
+    if keys.ndim != 2 or keys.shape[1] != _KEY_BYTES or keys.dtype != np.uint8:
+        raise ValueError(f"keys of shape {keys.shape} and type {keys.dtype}, not [n, {_KEY_BYTES}] uint8")
+    if features.ndim != 2 or len(features) != len(keys) or not np.issubdtype(features.dtype, np.floating):
+        raise ValueError(f"features of shape {features.shape} and type {features.dtype} for {len(keys)} keys")
+    return keys, features
+
+
 class FeatureStore:
     """The features of one backbone at one image size, under `root` (local or gs://)."""
 
@@ -80,9 +93,19 @@ class FeatureStore:
         if self._known is None:
             self._known = {}
             for path in sorted(storage.match(storage.join(self.directory, f"{_PACK_PREFIX}*.npz"))):
-                with np.load(io.BytesIO(storage.read_bytes(path))) as pack:
-                    for key, feature in zip(pack["keys"], pack["features"]):
-                        self._known[key.tobytes()] = feature
+                try:
+                    keys, features = _read_pack(path)
+                    width = next(iter(self._known.values())).shape[0] if self._known else features.shape[1]
+                    if features.shape[1] != width:
+                        raise ValueError(f"features of width {features.shape[1]}, the other packs' are {width}")
+                except Exception as err:  # noqa: BLE001 - whatever a cut-short or foreign file raises
+                    # A cache must never stop the job it speeds up: the pack's images are a miss, and
+                    # the pack is moved out of the way so that it costs one extraction, not one a night.
+                    log.warning("feature pack %s is unreadable (%s: %s): set aside as %s; its images' features "
+                                "are extracted again", path, type(err).__name__, err, storage.set_aside(path))
+                    continue
+                for key, feature in zip(keys, features):
+                    self._known[key.tobytes()] = feature
         return self._known
 
     def _add(self, keys: np.ndarray, features: np.ndarray) -> None:

@@ -102,7 +102,16 @@ class FeatureCache:
         paths = self._paths(split)
         if not all(storage.exists(p) for p in paths):
             return None
-        features, labels = (np.load(io.BytesIO(storage.read_bytes(path))) for path in paths)
+        try:
+            features, labels = (np.load(io.BytesIO(storage.read_bytes(path))) for path in paths)
+            if features.ndim != 2 or labels.ndim != 2 or len(features) != len(labels):
+                raise ValueError(f"features of shape {features.shape} for labels of shape {labels.shape}")
+        except Exception as err:  # noqa: BLE001 - whatever a cut-short file raises: a miss, extracted again
+            log.warning("feature cache of %s in %s is unreadable (%s: %s): set aside, extracting again", split,
+                        self.directory, type(err).__name__, err)
+            for path in paths:
+                storage.set_aside(path)
+            return None
         return features, labels
 
     def save(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:

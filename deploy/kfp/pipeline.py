@@ -32,6 +32,9 @@ DEFAULT_OUTPUT = Path(__file__).with_name("pipeline.yaml")
 # for Dataflow workers.
 SETUP_FILE_IN_IMAGE = "/opt/tagbeam/src/setup.py"
 RETRAIN = ["python", "-m", "pipelines.retrain"]
+# A step that finds the workspace held by another run (a manual retrain, a retried pipeline) waits
+# for it (up to --held_wait_s): skipping would leave the next step without its inputs.
+IF_HELD = ["--if_held", "wait"]
 
 
 def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accelerator_count: int = 4,
@@ -47,7 +50,7 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
             command=RETRAIN,
             args=[
                 "--step", "preprocess",
-                "--workspace", workspace, "--run_id", run_id,
+                "--workspace", workspace, "--run_id", run_id, *IF_HELD,
                 "--input", manifest,
                 # A list parameter reaches the container as one JSON string.
                 "--flags_json", retrain_flags,
@@ -65,7 +68,7 @@ def build_pipeline(image: str, accelerator_type: str = "NVIDIA_TESLA_T4", accele
     def later_step(step: str, workspace: str, run_id: str) -> dsl.ContainerSpec:
         # Runs with the flags the preprocess step recorded for this run.
         return dsl.ContainerSpec(image=image, command=RETRAIN,
-                                 args=["--step", step, "--workspace", workspace, "--run_id", run_id])
+                                 args=["--step", step, "--workspace", workspace, "--run_id", run_id, *IF_HELD])
 
     @dsl.container_component
     def check_data(workspace: str, run_id: str) -> dsl.ContainerSpec:

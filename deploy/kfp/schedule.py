@@ -33,7 +33,8 @@ def create_schedule(project: str, region: str, template: str, pipeline_root: str
         # New data arrives under the same manifest path: a cached step would reuse last week's output.
         enable_caching=False,
     )
-    # One run at a time: two overlapping runs would race to promote.
+    # One scheduled run at a time; a manual run or a retry meanwhile meets the workspace lease
+    # (pipelines.retrain --if_held).
     return job.create_schedule(cron=cron, display_name=display_name, max_concurrent_run_count=1,
                                service_account=service_account)
 
