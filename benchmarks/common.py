@@ -61,6 +61,11 @@ class Sizes:
     overhead_posters: int  # dataset of the trainer-overhead comparison (trainer vs bare backbone pass)
     gpu_images: int  # images per contender in the GPU benchmark
     gpu_fine_tune_steps: int  # timed fine-tuning steps per contender in the GPU benchmark
+    backbone_posters: int  # train posters of the backbone comparison (then backbone_val for val)
+    backbone_val: int
+    backbone_heldout: int  # held-out posters it scores
+    backbone_chips: int  # chips (make_chips), split 60/20/20 by source chip
+    backbone_seeds: int  # heads trained per backbone configuration
 
 
 FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
@@ -70,7 +75,8 @@ FULL = Sizes(sample_posters=10_000, sample_heldout=2_000,
              quality_posters=5_000, default_epochs=None, tutorial_epochs=30,
              fine_tune_layers=30, fine_tune_epochs=8, fine_tune_batch_size=64,
              serving_single_calls=200, serving_batch_calls=20, nights_posters=2_000,
-             overhead_posters=5_000, gpu_images=256, gpu_fine_tune_steps=3)
+             overhead_posters=5_000, gpu_images=256, gpu_fine_tune_steps=3,
+             backbone_posters=600, backbone_val=250, backbone_heldout=500, backbone_chips=360, backbone_seeds=3)
 QUICK = Sizes(sample_posters=300, sample_heldout=64,
               throughput_images=200, throughput_small=40, memory_n=20, input_passes=1, input_epochs=1,
               input_sets=("posters", "chips"),
@@ -78,7 +84,8 @@ QUICK = Sizes(sample_posters=300, sample_heldout=64,
               quality_posters=200, default_epochs=2, tutorial_epochs=2,
               fine_tune_layers=0, fine_tune_epochs=0, fine_tune_batch_size=0,
               serving_single_calls=10, serving_batch_calls=2, nights_posters=200,
-              overhead_posters=200, gpu_images=64, gpu_fine_tune_steps=2)
+              overhead_posters=200, gpu_images=64, gpu_fine_tune_steps=2,
+              backbone_posters=60, backbone_val=30, backbone_heldout=30, backbone_chips=64, backbone_seeds=2)
 
 
 class BenchmarkError(RuntimeError):

@@ -6,7 +6,7 @@ Fashion-MNIST's test split, never seen in training):
 - trainer recipes are scored through their exported SavedModel: the held-out JPEG bytes go through
   the serving signature (fresh `tf.saved_model.load`), i.e. what a user of the model gets; tuned
   thresholds are the trainer's thresholds.json (tuned on val);
-- logistic regression (scikit-learn, one-vs-rest, C=1) is fitted on frozen MobileNetV2 features
+- logistic regression (scikit-learn, one-vs-rest, C=1) is fitted on frozen features of the default backbone
   of the train split's pipeline images; thresholds are tuned on val features the same way; the
   held-out features come from the same bytes through `trainer.serving.preprocess_image_bytes`
   (the serving signature's preprocessing), so every recipe sees the same held-out pixels.

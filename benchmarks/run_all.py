@@ -3,7 +3,8 @@
     python -m benchmarks.run_all [--quick] [--out results.json] [--work DIR] [--only a,b] [--skip a,b] [--merge]
 
 --quick: tiny sizes, a smoke test of every code path (about 3 minutes on 2 quiet cores); its
-numbers mean nothing. Without it: the sizes in benchmarks/common.py FULL (about 55 minutes on 2 cores).
+numbers mean nothing. Without it: the sizes in benchmarks/common.py FULL (about 55 minutes on 2 cores, plus
+~20 min quiet for `backbones`, 49 min when the machine was shared; benchmarks/README.md section 13).
 Large outputs go under --work (default work/bench or work/bench-quick, gitignored). --merge re-runs
 the selected benchmarks (say, noisy ones when the machine is quieter) and keeps the others' results
 from the existing --out file; every result records when it finished and the load while it ran.
@@ -25,7 +26,7 @@ from benchmarks.common import (
 
 # Cheap, dependency-free measurements first; the quality benchmark trains the model serving uses.
 BENCHMARKS = ("preprocess_throughput", "shard_bytes", "preprocess_memory", "input_pipeline", "train_time",
-              "trainer_overhead", "quality", "serving", "gpu", "retrain_nights")
+              "trainer_overhead", "quality", "serving", "gpu", "retrain_nights", "backbones")
 
 
 def _names(text: str | None) -> list[str]:

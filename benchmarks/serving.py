@@ -3,7 +3,7 @@
 The model is the quality benchmark's default recipe (trained here if absent). A fresh process
 loads it with `tf.saved_model.load` (timed), warms each batch size up once, then calls the
 `serving_default` signature on held-out poster JPEG bytes: decode, resize, the JPEG round trip
-that reproduces the training pixels, MobileNetV2, head, thresholds.
+that reproduces the training pixels, the default backbone, head, thresholds.
 """
 from __future__ import annotations
 

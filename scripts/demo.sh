@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole system end to end on the embedded sample data: build the sample posters from
-# Fashion-MNIST, preprocess them with Beam, train with the embedded ImageNet MobileNetV2,
+# Fashion-MNIST, preprocess them with Beam, train with the default embedded ImageNet backbone (EfficientNet-Lite0),
 # evaluate, export a servable SavedModel, and predict on held-out posters.
 # Outputs go to $TAGBEAM_DEMO_DIR (default ./work/demo); each step overwrites its own output.
 set -euo pipefail
@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL="${TF_CPP_MIN_LOG_LEVEL:-2}"
 start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
-step "1/5 embedded backbone (ImageNet MobileNetV2, built once into the cache)"
+step "1/5 embedded backbone (ImageNet EfficientNet-Lite0, built once into the cache)"
 "$py" -m trainer.embedded_backbone build
 
 step "2/5 sample data (real Fashion-MNIST mosaics as posters, real BigEarthNet chips)"

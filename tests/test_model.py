@@ -77,7 +77,7 @@ def test_fixed_size_backbone_refuses_other_image_sizes(strategy, tmp_path) -> No
         backbone = model_lib.load_backbone(path)
     assert backbone.fixed_size == 32 and backbone.info["input_size"] == 32
     model_lib.check_image_size(backbone, 32)
-    with pytest.raises(model_lib.BackboneError, match=r"--hub_handle .*fixed32 takes 32x32 .* 48x48.*--image_size 32"):
+    with pytest.raises(model_lib.BackboneError, match=r"--backbone .*fixed32 takes 32x32 .* 48x48.*--image_size 32"):
         model_lib.check_image_size(backbone, 48)
 
 
@@ -101,8 +101,8 @@ def test_unreachable_handle_names_the_flag_and_the_way_out(strategy, handle, out
     with strategy.scope(), pytest.raises(model_lib.BackboneError) as caught:
         model_lib.load_backbone(handle)
     message = str(caught.value)
-    assert message.startswith(f"--hub_handle {handle} cannot be loaded")
-    assert "omit --hub_handle to use the embedded MobileNetV2" in message and "local" in message
+    assert message.startswith(f"--backbone {handle} cannot be loaded")
+    assert "pick an embedded backbone (mobilenet_v2, efficientnet_lite0," in message and "local" in message
     assert "\n" not in message
 
 

@@ -179,6 +179,43 @@ def test_a_corrupt_export_is_one_error_line_before_any_work(posters, exported, t
     assert not out.exists()
 
 
+def test_a_model_trained_before_backbones_were_named_predicts_unchanged(posters, exported, tmp_path):
+    """Models trained before --backbone existed: run.json names no backbone (its flags hold
+    hub_handle) and the export has no backbone.json. They are read and predict as they always did."""
+    import shutil
+
+    from tagbeam import export as model_files
+    from trainer import task
+
+    export_base, labels = exported
+    model_dir = tmp_path / "old-model"
+    old_export = model_dir / "export" / "1"
+    shutil.copytree(os.path.join(export_base, "1"), old_export)
+    (old_export / "assets" / model_files.BACKBONE_JSON).unlink()
+    (model_dir / "run.json").write_text(json.dumps({
+        "flags": {"data_dir": "/data/posters", "model_dir": str(model_dir), "hub_handle": None, "epochs": None},
+        "export_path": str(old_export), "training_path": "cached_features",
+        "backbone": {"handle": "/root/.cache/tagbeam/backbones/mobilenet_v2_imagenet_feature_vector",
+                     "path": "/root/.cache/tagbeam/backbones/mobilenet_v2_imagenet_feature_vector",
+                     "info": {"name": "mobilenet_v2_imagenet_feature_vector", "input_size": 224}}}))
+    run_info = model_files.read_run_info(str(model_dir))
+    assert run_info.export_path == str(old_export) and run_info.flags["hub_handle"] is None
+    assert model_files.read_backbone(str(old_export)) == {}
+    # A retrain workspace's options.json of that time says --hub_handle: still parsed, as --backbone.
+    assert task.parse_args(["--data_dir", "d", "--model_dir", "m", "--hub_handle", "gs://b/hub"])[1].backbone == "gs://b/hub"
+
+    out = tmp_path / "out"
+    manifest = os.path.join(posters, "MovieGenre-heldout.csv")
+    assert predict.main(["--input", manifest, "--model", str(model_dir / "export"), "--output", str(out)]) == 0
+    with open(glob.glob(str(out / "predictions-*.csv"))[0], encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    stored = [images.process(open(os.path.join(posters, r["uri"]), "rb").read(),  # join keeps an absolute uri
+                             ImageOptions(size=IMAGE_SIZE, output_format="png")) for r in rows]
+    original = tf.saved_model.load(os.path.join(export_base, "1")).signatures["stored_images"]
+    expected = original(image_bytes=tf.constant(stored))["probabilities"].numpy()
+    np.testing.assert_allclose([[float(r[label]) for label in labels] for r in rows], expected, atol=1e-6)
+
+
 def test_a_manifest_without_labels_is_predicted_not_scored_and_a_missing_labels_column_is_an_error(
         posters, exported, tmp_path, capsys):
     export_base, _ = exported

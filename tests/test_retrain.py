@@ -488,7 +488,6 @@ def test_a_scheduled_challenger_trains_exactly_as_the_trainer_does_by_default(pr
 
 def test_every_training_option_reaches_the_challenger_through_retrain(manifest, prepared, tmp_path):
     from tagbeam.flags import declared
-    from trainer import embedded_backbone
     from trainer.config import TrainOptions
 
     # Two runs, because --positive_weights and --loss soft_f1 exclude each other. Run "a" gives its
@@ -496,7 +495,7 @@ def test_every_training_option_reaches_the_challenger_through_retrain(manifest, 
     # under Vertex AI Pipelines). Run "b" gives them to the train step itself, so its preprocess
     # step is the prepared one (recorded without training flags).
     runs = {
-        "a": {"hub_handle": embedded_backbone.default_handle(), "epochs": 1, "batch_size": 16,
+        "a": {"backbone": "mobilenet_v2", "epochs": 1, "batch_size": 16,
               "learning_rate": 0.002, "hidden_units": 8, "dropout": 0.1, "positive_weights": True, "beta": 2.0,
               "seed": 5, "fine_tune_layers": 2, "fine_tune_learning_rate": 0.0002, "warm_start_epochs": 2,
               "augment": "flip", "cpu_replicas": 2, "early_stopping_patience": 3, "extraction_batch_size": 8},

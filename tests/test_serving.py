@@ -129,9 +129,10 @@ _FRESH_PROCESS = textwrap.dedent(
 )
 
 
-def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(exported, tmp_path):
-    request = {"instances": [{"image_bytes": {"b64": base64.b64encode(data).decode("ascii")}}
-                             for data in exported["images"].values()]}
+def serve_in_fresh_process(export_path: str, images: list[bytes], tmp_path) -> dict:
+    """A REST-style request answered by `export_path` in a process that has TensorFlow and nothing
+    of this project, hub or Keras; returns what it answered (and what it could import)."""
+    request = {"instances": [{"image_bytes": {"b64": base64.b64encode(data).decode("ascii")}} for data in images]}
     request_path = tmp_path / "request.json"
     request_path.write_text(json.dumps(request))
     site_packages = sysconfig.get_paths()["purelib"]
@@ -140,7 +141,7 @@ def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(e
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON") and k != "TF_USE_LEGACY_KERAS"}
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     done = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _FRESH_PROCESS, site_packages, exported["path"], str(request_path)],
+        [sys.executable, "-I", "-S", "-c", _FRESH_PROCESS, site_packages, export_path, str(request_path)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -148,6 +149,11 @@ def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(e
     assert result["project_importable"] is False
     # TensorFlow may pull in Keras 3 by itself; loading and serving must add no Keras or hub.
     assert result["loaded_modules"] == [] and result["hub_or_tf_keras"] == [], result
+    return result
+
+
+def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(exported, tmp_path):
+    result = serve_in_fresh_process(exported["path"], list(exported["images"].values()), tmp_path)
     assert result["labels_asset"].splitlines() == LABELS
     probs = np.array(result["probabilities"])
     np.testing.assert_allclose(probs, exported["probs"], atol=1e-5)
@@ -155,6 +161,30 @@ def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(e
     assert np.array_equal(np.array(result["predicted"]), expected.astype(int))
     assert result["predicted_labels"] == [[name if chosen else "" for name, chosen in zip(LABELS, row)] for row in expected]
     assert expected.any(axis=1).all() and (~expected).any(axis=1).all()  # mixed predictions: the check has teeth
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_an_embedded_backbone_serves_jpeg_bytes_without_the_project(name, tmp_path):
+    """Each embedded backbone under a trained head, exported, answers JPEG bytes in a process with
+    TensorFlow alone, as it answers in training's process."""
+    from trainer import embedded_backbone
+
+    photos = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
+    jpegs = [encode(np.ascontiguousarray(photo[::k, ::k]), "JPEG", quality=90)
+             for photo in photos.values() for k in (1, 2, 3)]
+    labels = list(photos)
+    model = build_model(embedded_backbone.build(name=name), len(labels), SIZE)
+    model.compile(tf_keras.optimizers.Adam(0.05), tf_keras.losses.BinaryCrossentropy(from_logits=True))
+    pixels = preprocess_image_bytes(tf.constant(jpegs), CROP_PNG)
+    truth = np.repeat(np.eye(2, dtype=np.float32), 3, axis=0)  # 3 sizes of each photo
+    model.fit(pixels, truth, epochs=20, batch_size=6, verbose=0)
+    probs = tf.sigmoid(model(pixels)).numpy()
+    assert (probs.argmax(axis=1) == truth.argmax(axis=1)).all(), probs  # the head learnt the two photos
+    path = export_model(model, str(tmp_path / "export"), labels, np.full(2, 0.5, np.float32), CROP_PNG, version=1,
+                        backbone={"name": name})
+    result = serve_in_fresh_process(path, jpegs, tmp_path)
+    np.testing.assert_allclose(result["probabilities"], probs, atol=1e-5)
+    assert [row[0] for row in result["predicted_labels"]] == ["chelsea"] * 3 + [""] * 3
 
 
 def test_versions_increase_and_are_never_overwritten(exported, tmp_path):

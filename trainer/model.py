@@ -19,7 +19,7 @@ from trainer.hub import hub
 import tf_keras
 
 from tagbeam.console import Progress
-from trainer.embedded_backbone import INFO_FILE
+from trainer.embedded_backbone import BACKBONES, INFO_FILE
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def set_precision(policy: str) -> None:
 
 
 class BackboneError(ValueError):
-    """The --hub_handle cannot be loaded or does not fit the dataset; the message says what to do."""
+    """The --backbone cannot be loaded or does not fit the dataset; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,9 +170,9 @@ class Backbone:
 
 def _handle_error(handle: str, reason: str) -> BackboneError:
     return BackboneError(
-        f"--hub_handle {handle} cannot be loaded: {reason}. tfhub.dev and Kaggle are not reachable from "
-        "machines without internet access: omit --hub_handle to use the embedded MobileNetV2 "
-        "(trainer.embedded_backbone), or pass a local or gs:// path to a TF2 SavedModel feature vector."
+        f"--backbone {handle} cannot be loaded: {reason}. tfhub.dev and Kaggle are not reachable from "
+        f"machines without internet access: pick an embedded backbone ({', '.join(BACKBONES)}; "
+        "trainer.embedded_backbone), or pass a local or gs:// path to a TF2 SavedModel feature vector."
     )
 
 
@@ -231,7 +231,7 @@ def check_image_size(backbone: Backbone, image_size: int) -> None:
     """Refuses a dataset whose images a fixed-size backbone cannot take; warns when off nominal."""
     if backbone.fixed_size is not None and backbone.fixed_size != image_size:
         raise BackboneError(
-            f"--hub_handle {backbone.handle} takes {backbone.fixed_size}x{backbone.fixed_size} images but the "
+            f"--backbone {backbone.handle} takes {backbone.fixed_size}x{backbone.fixed_size} images but the "
             f"dataset holds {image_size}x{image_size}: rerun `python -m pipelines.preprocess` with "
             f"--image_size {backbone.fixed_size}, or pick a backbone that accepts {image_size}"
         )

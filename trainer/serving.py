@@ -15,7 +15,8 @@ import posixpath
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -255,6 +256,7 @@ class _Servable(tf.Module):
         self.labels_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.LABELS_TXT))
         self.thresholds_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.THRESHOLDS_JSON))
         self.stored_images_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.STORED_IMAGES_JSON))
+        self.backbone_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.BACKBONE_JSON))
         label_names = tf.constant(list(labels), tf.string)
         label_thresholds = tf.constant(thresholds, tf.float32)
 
@@ -294,6 +296,7 @@ def export_model(
     thresholds: np.ndarray,
     stored: StoredImages,
     version: int | None = None,
+    backbone: Mapping[str, Any] | None = None,
 ) -> str:
     """Writes the serving SavedModel to ``<export_base>/<version>/`` and returns that folder.
 
@@ -302,7 +305,8 @@ def export_model(
     images, ``stored_images`` takes images already made that way (pipelines.predict), and the
     ``stored_images.json`` asset records it. The SavedModel is written to a hidden sibling folder
     first and renamed into place, so TF Serving (which watches ``export_base`` for numeric
-    folders) never sees a partial version.
+    folders) never sees a partial version. ``backbone`` (which backbone the model stands on, as
+    run.json's "backbone" records it) becomes the ``backbone.json`` asset.
     """
     thresholds = np.asarray(thresholds, dtype=np.float32)
     labels = [str(label) for label in labels]
@@ -326,6 +330,8 @@ def export_model(
             out.write(model_files.thresholds_json(labels, thresholds))
         with open(posixpath.join(asset_dir, model_files.STORED_IMAGES_JSON), "w", encoding="utf-8") as out:
             out.write(json.dumps(stored.to_json(), indent=2) + "\n")
+        with open(posixpath.join(asset_dir, model_files.BACKBONE_JSON), "w", encoding="utf-8") as out:
+            out.write(json.dumps(dict(backbone or {}), indent=2) + "\n")
         servable = _Servable(model, labels, thresholds, stored, asset_dir)
         try:
             tf.saved_model.save(servable, staging, signatures={model_files.SIGNATURE_NAME: servable.serve,

@@ -99,7 +99,10 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
                          "pick another version (served versions are never overwritten)")
     if options.seed is not None:
         tf_keras.utils.set_random_seed(options.seed)
-    handle = options.hub_handle or embedded_backbone.default_handle()
+    try:
+        handle = embedded_backbone.resolve(options.backbone)
+    except FileNotFoundError as err:  # an embedded backbone whose weights package is missing
+        raise model_lib.BackboneError(f"--backbone {options.backbone}: {err}") from None
     gpus = model_lib.gpu_count()
     if options.device_jit_compile(gpus) and not gpus and strategy.num_replicas_in_sync > 1:
         # Every logical CPU is the same XLA device, and the replicas' variables sit on different ones.
@@ -112,6 +115,11 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
     with strategy.scope():
         backbone = model_lib.load_backbone(handle, trainable=options.fine_tune_layers > 0)
     model_lib.check_image_size(backbone, info.image_size)
+    suited = embedded_backbone.BACKBONES.get(options.backbone)
+    if suited and suited.image_size != info.image_size:
+        log.info("--backbone %s suits images stored at %d px (benchmarks/README.md); this dataset stores %d px: "
+                 "the backbone runs on them as they are (preprocess with --image_size %d to follow the measurement)",
+                 suited.name, suited.image_size, info.image_size, suited.image_size)
     return info, strategy, backbone
 
 
@@ -166,7 +174,8 @@ def _save_report_data(info: DatasetInfo, result: TrainResult, options: TrainOpti
                       model_files.REPORT_HTML)
 
 
-def write_outputs(task: TaskOptions, info: DatasetInfo, result: TrainResult, evaluation: Evaluation) -> str:
+def write_outputs(task: TaskOptions, info: DatasetInfo, result: TrainResult, evaluation: Evaluation,
+                  backbone_record: dict[str, Any]) -> str:
     """Stage 4: the serving SavedModel, then history.json, thresholds.json and labels.txt. Returns the export."""
     import json
 
@@ -177,7 +186,7 @@ def write_outputs(task: TaskOptions, info: DatasetInfo, result: TrainResult, eva
     # Serving re-encodes the resized image like the stored JPEGs, so the model sees the same
     # compression artefacts it was trained on (cuts the probability skew ~5x; tests/test_skew.py).
     export_path = export_model(result.model, storage.join(task.model_dir, model_files.EXPORT_DIR), labels,
-                               evaluation.thresholds, info.stored_images, task.version)
+                               evaluation.thresholds, info.stored_images, task.version, backbone_record)
     storage.write_text(storage.join(task.model_dir, model_files.HISTORY_JSON), json.dumps(result.history, indent=2) + "\n")
     storage.write_text(storage.join(task.model_dir, model_files.THRESHOLDS_JSON),
                        model_files.thresholds_json(labels, evaluation.thresholds))
@@ -239,12 +248,14 @@ def _run_in(task: TaskOptions, options: TrainOptions, info: DatasetInfo, strateg
         from trainer.data import corrupt_dataset_error
 
         raise corrupt_dataset_error(info, err) from None
-    export_path = write_outputs(task, info, result, evaluation)
+    backbone_record = {"name": options.backbone, "handle": backbone.handle, "path": backbone.path,
+                       "info": backbone.info}
+    export_path = write_outputs(task, info, result, evaluation, backbone_record)
     epochs_done = len(result.history.get("loss", []))
     run_info = model_files.RunInfo(
         flags=flag_record or {**dataclasses.asdict(task), **dataclasses.asdict(options)},
         dataset_json=storage.join(info.data_dir, DATASET_JSON),
-        backbone={"handle": backbone.handle, "path": backbone.path, "info": backbone.info},
+        backbone=backbone_record,
         training_path=result.path,
         num_replicas_in_sync=strategy.num_replicas_in_sync,
         devices=list(strategy.extended.worker_devices),
