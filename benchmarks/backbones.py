@@ -2,7 +2,7 @@
 
 For every (backbone, stored image size) the child process makes each image's stored bytes with the
 pipeline's own code (`pipelines.images.process`, the defaults but for the size), decodes them as
-training does (`trainer.data.decode_stored`), and extracts the features once (batch 32; for val and
+training does (`tagbeam.stored.StoredImages.decode`), and extracts the features once (batch 32; for val and
 test also those of the mirrored image, for flip test-time augmentation). Then, per seed, it trains
 the trainer's default head on them (`trainer.model.build_head`: linear, BCE from logits, Adam 1e-3,
 batch 256, early stopping and LR halving on val loss with the trainer's cached-path patience),
@@ -105,12 +105,9 @@ def _stored_pixels(paths: Sequence[str], size: int) -> Any:
     import tensorflow as tf
 
     from pipelines.images import ImageOptions, process
-    from tagbeam.dataset import StoredImages
-    from trainer.data import decode_stored
 
     options = ImageOptions(size=size)
-    stored = StoredImages(size, options.output_format, options.policy, options.jpeg_quality, options.jpeg_subsampling)
-    return np.stack([decode_stored(tf.constant(process(Path(p).read_bytes(), options)), stored).numpy()
+    return np.stack([options.stored.decode(tf.constant(process(Path(p).read_bytes(), options))).numpy()
                      for p in paths])
 
 

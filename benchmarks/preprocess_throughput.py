@@ -44,7 +44,7 @@ def _same_work(rows: Sequence[Any], out_dir: Path) -> None:
     import tensorflow as tf
 
     from pipelines import images, splits
-    from pipelines.examples import to_example
+    from tagbeam.dataset import to_example
     from tagbeam.dataset import SPLITS
 
     options = images.ImageOptions(size=IMAGE_SIZE)

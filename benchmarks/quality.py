@@ -93,10 +93,8 @@ def _logistic_regression(data_dir: str, images: list[bytes]) -> dict[str, Any]:
         for name in ("train", "val"):
             pairs = [(features(x).numpy(), y.numpy()) for x, y in data.image_dataset(info, name, EVAL_BATCH)]
             split[name] = (np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs]))
-        jpeg_quality, jpeg_subsampling = info.stored_jpeg or (None, "4:2:0")
         heldout = np.concatenate([features(preprocess_image_bytes(tf.constant(images[i:i + EVAL_BATCH]),
-                                                                  info.image_size, info.resize_policy,
-                                                                  jpeg_quality, jpeg_subsampling)).numpy()
+                                                                  info.stored_images)).numpy()
                                   for i in range(0, len(images), EVAL_BATCH)])
     with Stopwatch() as fit:
         model = OneVsRestClassifier(LogisticRegression(C=1.0, max_iter=2000)).fit(*split["train"])

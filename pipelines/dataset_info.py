@@ -17,12 +17,12 @@ from typing import Any
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.cli import claim_output
 from pipelines.shards import ShardPlan
 from tagbeam import storage
 from tagbeam.dataset import (
     DATASET_JSON,
     LABELS_TXT,
+    OUTPUT_MARKER,
     REJECTED_PREFIX,
     REJECTED_SUFFIX,
     SHARD_SUFFIXES,
@@ -33,6 +33,7 @@ from tagbeam.dataset import (
     DatasetInfo,
     Rejection,
     SplitInfo,
+    StoredImages,
     labels_text,
 )
 from tagbeam.flags import UsageError
@@ -48,13 +49,42 @@ class InvariantError(RuntimeError):
     """The pipeline lost or duplicated rows: a bug, never the user's fault."""
 
 
+def claim_output(output: str, overwrite: bool, entry_point: str) -> bool:
+    """Makes `output` a folder of this job's, before anything is written or removed there.
+
+    Refuses (UsageError) a path that is a file, a place that cannot be written, and a non-empty folder
+    that no tagbeam job wrote (no OUTPUT_MARKER) unless `overwrite`: a job removes only what it can
+    prove it wrote. Returns whether the folder was a tagbeam job's before (its left-overs may go).
+    """
+    if not storage.is_remote(output) and os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f"--output {output} is a file; give a folder (new or empty, or one this job wrote)")
+    marker = storage.join(output, OUTPUT_MARKER)
+    ours = storage.exists(marker)
+    if storage.is_remote(output):
+        others = [p for p in storage.match(storage.join(output, "**")) if not p.endswith("/" + OUTPUT_MARKER)]
+    else:
+        others = sorted(os.listdir(output)) if os.path.isdir(output) else []
+        others = [name for name in others if name != OUTPUT_MARKER]
+    if others and not ours and not overwrite:
+        shown = ", ".join(p.rstrip("/").rsplit("/", 1)[-1] for p in others[:3])
+        raise UsageError(f"--output {output} holds files no tagbeam job wrote ({shown}{', ...' if len(others) > 3 else ''}); "
+                               "choose a new or empty folder, or pass --overwrite to let this job replace its own kind "
+                               "of files there")
+    try:
+        storage.write_json(marker, {"written_by": entry_point})
+    except Exception as err:  # noqa: BLE001 - OSError locally, the store's own errors elsewhere
+        raise UsageError(f"--output {output} cannot be written ({type(err).__name__}: {err}); "
+                               "choose a folder you can write") from None
+    return ours
+
+
 def prepare_output(output: str, overwrite: bool) -> None:
     """Refuses an output folder that holds a dataset unless `overwrite`; clears our files either way.
 
     dataset.json goes first, so an interrupted clean-up never leaves a folder that looks complete.
     Left-overs of a failed run (transform output, a dead letter, temporary files) are replaced
     silently; shards or a dataset.json are only replaced with --overwrite; a folder holding files
-    no tagbeam job wrote is refused without --overwrite (cli.claim_output).
+    no tagbeam job wrote is refused without --overwrite (claim_output).
     """
     if not overwrite and any(storage.match(storage.join(output, p)) for p in (DATASET_JSON, *_SHARD_PATTERNS)):
         raise UsageError(f"--output {output} already holds a dataset (dataset.json or shards); pass --overwrite "
@@ -102,6 +132,20 @@ def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence
 
 
 @dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the dataset stores what it holds, from the job's typed options (dataset.json's "options"
+    is only the record of the flags as given)."""
+
+    stored: StoredImages
+    shard_compression: str
+    unlabeled_policy: str
+
+    def fields(self) -> dict[str, Any]:
+        return {**self.stored.to_json(), "shard_compression": self.shard_compression,
+                "unlabeled_policy": self.unlabeled_policy}
+
+
+@dataclasses.dataclass(frozen=True)
 class ReuseRecord:
     """What dataset.json says about where the images came from (docs/dataset.md)."""
 
@@ -123,8 +167,8 @@ def add_tallies(tallies: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]
 
 
 def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: dict[str, int],
-               shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], options: dict[str, Any],
-               reuse: ReuseRecord | None = None, created: str | None = None) -> DatasetInfo:
+               shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], layout: Layout,
+               options: dict[str, Any], reuse: ReuseRecord | None = None, created: str | None = None) -> DatasetInfo:
     """The dataset.json record of docs/dataset.md. Raises InvariantError if rows were lost."""
     splits = {split: split_summary(split, shards, labels) for split in SPLITS}
     for split, summary in splits.items():
@@ -139,18 +183,12 @@ def build_info(*, labels: Sequence[str], input_rows: int, rejected_by_reason: di
                              f"{ {k: v.examples for k, v in splits.items()} }); this is a bug, please report it")
     return DatasetInfo(
         labels=tuple(labels),
-        image_size=options["image_size"],
-        image_format=options["image_format"],
-        jpeg_quality=options["jpeg_quality"],
-        jpeg_subsampling=options["jpeg_subsampling"],
-        resize_policy=options["resize_policy"],
-        shard_compression=options["shard_compression"],
+        **layout.fields(),
         splits=splits,
         input_rows=input_rows,
         rejected=rejected,
         rejected_by_reason=dict(sorted(rejected_by_reason.items())),
         rejected_files=tuple(sorted(os.path.basename(f) for f in rejected_files)),
-        unlabeled_policy=options["unlabeled"],
         **(reuse or ReuseRecord("")).fields(),
         options=options,
         created=created or datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -168,7 +206,7 @@ def count_rejected(rejected_files: Sequence[str]) -> dict[str, int]:
     return counts
 
 
-def commit(_: Any, *, output: str, plan: ShardPlan, stats: dict[str, Any], options: dict[str, Any],
+def commit(_: Any, *, output: str, plan: ShardPlan, stats: dict[str, Any], layout: Layout, options: dict[str, Any],
            shards: Sequence[dict[str, Any]], rejected_files: Sequence[str], reuse: ReuseRecord,
            tallies: tuple[int, int, int], sources_files: Sequence[str]) -> dict[str, Any] | None:
     """Writes labels.txt, then dataset.json, last. Runs after every shard, dead-letter and sources
@@ -178,7 +216,7 @@ def commit(_: Any, *, output: str, plan: ShardPlan, stats: dict[str, Any], optio
     if not labels:
         return None
     info = build_info(labels=labels, input_rows=stats["input_rows"], rejected_by_reason=count_rejected(rejected_files),
-                      shards=shards, rejected_files=rejected_files, options=options,
+                      shards=shards, rejected_files=rejected_files, layout=layout, options=options,
                       reuse=dataclasses.replace(reuse, tallies=tallies)).to_json()
     storage.write_text(storage.join(output, LABELS_TXT), labels_text(labels))
     storage.write_json(storage.join(output, DATASET_JSON), info)
@@ -189,16 +227,16 @@ class CommitDataset(beam.PTransform):
     """Side inputs: the plan (its labels), the manifest stats (input rows), shard stats, dead-letter
     files, the fetched/reused tallies."""
 
-    def __init__(self, output: str, options: dict[str, Any], reuse: ReuseRecord) -> None:
+    def __init__(self, output: str, layout: Layout, options: dict[str, Any], reuse: ReuseRecord) -> None:
         super().__init__()
-        self._output, self._options, self._reuse = output, options, reuse
+        self._output, self._layout, self._options, self._reuse = output, layout, options, reuse
 
     def expand(self, inputs: dict[str, beam.PCollection]) -> beam.PCollection:
         # A main input of its own: one shared with an upstream side input can deadlock stage ordering.
         return (inputs["plan"].pipeline
                 | "Once" >> beam.Create([None])
                 | "Commit" >> beam.Map(
-                    commit, output=self._output, options=self._options, reuse=self._reuse,
+                    commit, output=self._output, layout=self._layout, options=self._options, reuse=self._reuse,
                     tallies=beam.pvalue.AsSingleton(inputs["tallies"]),
                     plan=beam.pvalue.AsSingleton(inputs["plan"]),
                     stats=beam.pvalue.AsSingleton(inputs["stats"]),

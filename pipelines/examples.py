@@ -18,11 +18,11 @@ import apache_beam as beam
 
 from pipelines import fetch, images
 from pipelines.manifests import Row
-from pipelines.outcomes import count, reject_row, rejected
-from pipelines.reuse import SOURCES_TAG, TALLIES_TAG, Reused
+from pipelines.outcomes import REUSED_TAG, SOURCES_TAG, TALLIES_TAG, count, reject_row, rejected
+from pipelines.reuse import Reused
 from pipelines.shards import Encoded, ShardPlan, plan_shard_counts, shard_key
 from pipelines.splits import split_of
-from tagbeam.dataset import Rejection, Source, unexpected
+from tagbeam.dataset import Rejection, Source, to_example, unexpected
 
 _LOG = logging.getLogger(__name__)
 
@@ -37,25 +37,6 @@ class ExampleOptions:
     test_fraction: float
     keep_unlabeled: bool  # rows without a known label: kept all-zero, or rejected
     revalidate: str  # pipelines.reuse.ReuseOptions.revalidate: how a reusable row is checked
-
-
-REUSED_TAG = "reused"
-
-
-def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int) -> bytes:
-    """The serialized tf.train.Example of docs/dataset.md."""
-    from tensorflow.core.example import example_pb2, feature_pb2
-
-    multi_hot = [0] * num_labels
-    for label in label_ids:
-        multi_hot[label] = 1
-    features = feature_pb2.Features(feature={
-        "id": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[id_.encode("utf-8")])),
-        "image": feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[image])),
-        "labels": feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=multi_hot)),
-    })
-    # deterministic: map entries sorted by key, so that equal examples are equal bytes in every process
-    return example_pb2.Example(features=features).SerializeToString(deterministic=True)
 
 
 def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions,

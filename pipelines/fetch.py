@@ -51,7 +51,8 @@ from urllib3.util import parse_url
 
 from tagbeam import storage
 from tagbeam.dataset import unexpected
-from tagbeam.flags import at_least, check_fields, option, positive
+from pipelines.options import ACCEPTANCE
+from tagbeam.flags import at_least, group, option, positive
 
 USER_AGENT = "tagbeam/0.1"
 
@@ -78,7 +79,7 @@ _METADATA_ADDRESSES = frozenset({
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class FetchOptions:
     """Fetching images (URLs nobody on your team wrote)."""
 
@@ -88,21 +89,18 @@ class FetchOptions:
     deadline_s: float = option(120.0, flag="fetch_deadline_s", check=positive,
                                help="time budget of one image: connect, status line, headers, body, redirects, "
                                     "retries and back-off all count; a row over it is rejected as a time-out")
-    max_bytes: int = option(20 * 2**20, flag="max_download_bytes", check=positive,
+    max_bytes: int = option(20 * 2**20, flag="max_download_bytes", check=positive, tags=[ACCEPTANCE],
                             help="bound on a body (streamed; reading stops beyond it)")
-    max_redirects: int = option(5, check=at_least(0), help="redirects followed, each hop re-checked")
+    max_redirects: int = option(5, check=at_least(0), tags=[ACCEPTANCE], help="redirects followed, each hop re-checked")
     retries: int = option(3, flag="fetch_retries", check=at_least(0),
                           help="retries on 5xx, 429, time-outs, resets and truncation; never on other 4xx")
     backoff_s: float = option(0.5, flag="fetch_backoff_s", check=at_least(0),
                               help="first retry back-off, doubled per retry with jitter, capped")
     concurrency: int = option(16, flag="fetch_concurrency", check=positive, help="parallel downloads per worker thread")
-    allow_loopback: bool = option(False, help="allow image URLs on 127.0.0.0/8 and ::1")
-    allow_link_local: bool = option(False, help="allow link-local addresses and cloud metadata endpoints (dangerous)")
-    allow_local_files: bool = option(False, help="allow absolute local paths and file:// URIs outside the manifest's "
+    allow_loopback: bool = option(False, tags=[ACCEPTANCE], help="allow image URLs on 127.0.0.0/8 and ::1")
+    allow_link_local: bool = option(False, tags=[ACCEPTANCE], help="allow link-local addresses and cloud metadata endpoints (dangerous)")
+    allow_local_files: bool = option(False, tags=[ACCEPTANCE], help="allow absolute local paths and file:// URIs outside the manifest's "
                                                  "folder")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 class FetchError(Exception):

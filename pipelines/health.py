@@ -14,14 +14,13 @@ runs/<id>/health.json and history.jsonl. Setting a bound to 1 turns its check of
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from tagbeam.dataset import DatasetInfo
-from tagbeam.flags import check_fields, fraction, option, positive
+from tagbeam.flags import fraction, group, option, positive
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class HealthOptions:
     """Data-health gate: the new dataset against the champion's, before training."""
 
@@ -37,9 +36,6 @@ class HealthOptions:
     min_label_examples: int = option(20, flag="health_min_label_examples", check=positive,
                                      help="labels with fewer examples in the champion's dataset are not checked "
                                           "(their counts are noise)")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 def _rejected_share(info: DatasetInfo) -> float:

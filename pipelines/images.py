@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from tagbeam.dataset import DRAFT_MARGIN, IMAGE_FORMATS, JPEG_SUBSAMPLINGS, RESIZE_POLICIES
-from tagbeam.flags import check_fields, in_range, option, positive
+from pipelines.options import PREDICT
+from tagbeam.dataset import DRAFT_MARGIN
+from tagbeam.flags import group, in_range, option, positive
+from tagbeam.stored import IMAGE_FORMATS, JPEG_SUBSAMPLINGS, MAX_IMAGE_SIZE, RESIZE_POLICIES, StoredImages
 from trainer.embedded_backbone import BACKBONES, DEFAULT as DEFAULT_BACKBONE
 
 
@@ -55,8 +57,6 @@ _STRETCH_PERCENTILES = (2.0, 98.0)
 # Raise whenever a change here can change the stored bytes of an image: datasets of an older
 # version are then never reused (see `fingerprint`).
 IMAGE_CODE_VERSION = 1
-MAX_IMAGE_SIZE = 4096  # ImageNet-style backbones take 224-600 px; 4096 is 48 MiB per decoded image
-PNG_COMPRESS_LEVEL = 1  # 2.5x faster than the default 6 for ~7 % more bytes
 
 
 class ImageError(Exception):
@@ -71,7 +71,7 @@ class ImageError(Exception):
         return type(self), (self.reason, self.detail)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class ImageOptions:
     """Images: decoding, resizing and how they are stored."""
 
@@ -96,17 +96,25 @@ class ImageOptions:
     # give identical pixels for either choice.
     jpeg_subsampling: str = option("4:2:0", choices=JPEG_SUBSAMPLINGS,
                                    help="chroma subsampling of the stored JPEGs (4:2:0, as most source JPEGs are)")
-    max_pixels: int = option(50_000_000, flag="max_image_pixels", check=positive,
+    max_pixels: int = option(50_000_000, flag="max_image_pixels", check=positive, tags=[PREDICT],
                              help="refuse images with more pixels, checked from the header (decompression bombs)")
     # What one decode may hold, whatever the format: 200 MiB admits every 8-bit image of up to 4 bands
     # under the default pixel bound, and is the memory a worker must afford per decoding thread.
-    max_decoded_bytes: int = option(200 * 2**20, check=positive,
+    max_decoded_bytes: int = option(200 * 2**20, check=positive, tags=[PREDICT],
                                     help="refuse images whose decoded samples (width x height x samples per "
                                          "pixel x bytes per sample, from the header; at least 4 samples, as "
                                          "conversion to RGB(A) takes) would take more memory")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
+    @property
+    def stored(self) -> StoredImages:
+        """How images made with these options are stored (tagbeam.stored owns that format)."""
+        return StoredImages(self.size, self.output_format, self.policy, self.jpeg_quality, self.jpeg_subsampling)
+
+    def storing(self, stored: StoredImages) -> "ImageOptions":
+        """These decoding bounds, storing images as `stored` says (pipelines.predict: an export's)."""
+        return dataclasses.replace(self, size=stored.image_size, output_format=stored.image_format,
+                                   policy=stored.resize_policy, jpeg_quality=stored.jpeg_quality,
+                                   jpeg_subsampling=stored.jpeg_subsampling)
 
 
 def identity(options: ImageOptions) -> dict[str, Any]:
@@ -118,7 +126,7 @@ def identity(options: ImageOptions) -> dict[str, Any]:
     import tifffile
 
     return {"options": dataclasses.asdict(options), "code": IMAGE_CODE_VERSION, "draft_margin": DRAFT_MARGIN,
-            "png_compress_level": PNG_COMPRESS_LEVEL, "stretch_percentiles": list(_STRETCH_PERCENTILES),
+            **StoredImages.codec_identity(), "stretch_percentiles": list(_STRETCH_PERCENTILES),
             "pillow": PIL.__version__, "numpy": np.__version__, "tifffile": tifffile.__version__}
 
 
@@ -134,7 +142,7 @@ def process(data: bytes, options: ImageOptions) -> bytes:
     with _as_image_errors():
         decoded = _decode(data, options, draft_side=DRAFT_MARGIN * options.size)
         resized = _resize(decoded, options.size, options.policy)
-        return _encode(resized, options)
+        return options.stored.encode(resized)
 
 
 def resize(img: Image.Image, size: int, policy: str) -> Image.Image:
@@ -350,15 +358,6 @@ def _tiff_rgb(data: bytes, limits: ImageOptions) -> Image.Image:
             alpha = np.clip(alpha, 0.0, 1.0)
             rgb[rows] = np.rint(rgb[rows] * alpha + 255.0 * (1.0 - alpha))
     return Image.fromarray(rgb, "RGB")
-
-
-def _encode(img: Image.Image, options: ImageOptions) -> bytes:
-    out = io.BytesIO()
-    if options.output_format == "jpeg":
-        img.save(out, "JPEG", quality=options.jpeg_quality, subsampling=options.jpeg_subsampling)
-    else:
-        img.save(out, "PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return out.getvalue()
 
 
 @contextlib.contextmanager

@@ -30,16 +30,16 @@ import os
 import posixpath
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.fetch import FetchError, resolve_uri
-from pipelines.options import ManifestOptions
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, rejection
 from tagbeam.dataset import Rejection, check_label, unexpected
-from tagbeam.flags import UsageError
+from tagbeam import flags
+from tagbeam.flags import UsageError, option
 
 MOVIE_GENRE_COLUMNS = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
 PLANET_COLUMNS = ("image_name", "tags")
@@ -192,23 +192,13 @@ def _read_header(path: str) -> Header:
 
 
 def detect_format(path: str) -> str:
-    """The format of one manifest file, from its name and header (auto-detection)."""
-    if manifest_kind(path) != "csv":
-        return "generic"
-    columns = read_header(path).columns
-    if columns[:1] == ("imdbId",) and "Poster" in columns:
-        return "movie_genre"
-    if columns == PLANET_COLUMNS:
-        return "planet"
-    return "generic"
+    """The format of one manifest file, from its name and header (auto-detection): the first file
+    format of FORMATS that recognises it (generic recognises every file, and comes last)."""
+    return next(f.name for f in FORMATS.values() if not f.folder and f.detect(path))
 
 
 def required_columns(spec: ManifestSpec) -> tuple[str, ...]:
-    if spec.format == "movie_genre":
-        return ("imdbId", "Genre", "Poster")
-    if spec.format == "planet":
-        return PLANET_COLUMNS
-    return tuple(c for c in (spec.uri_column, spec.labels_column, spec.id_column) if c)
+    return FORMATS[spec.format].required_columns(spec)
 
 
 def _is_remote(path: str) -> bool:
@@ -238,14 +228,14 @@ def resolve_spec(options: ManifestOptions, with_labels: bool = True) -> Manifest
     user mistakes fail here with one clear UsageError rather than inside a pipeline."""
     input_, format_ = options.input, options.format
     root = input_.rstrip("/")
-    spec = ManifestSpec("voc", (root,), options.uri_column, options.labels_column if with_labels else None,
+    spec = ManifestSpec(format_, (root,), options.uri_column, options.labels_column if with_labels else None,
                         options.id_column, options.label_delimiter, None, options.image_ext.lstrip("."),
                         options.voc_image_set)
-    if format_ in ("auto", "voc") and _exists_under(f"{root}/Annotations"):
-        return _voc_spec(spec)
-    if format_ == "voc":
-        raise UsageError(f"--input {input_}: no Annotations/ folder there; for --format voc give the VOC2012 "
-                         "root (the folder holding Annotations/, JPEGImages/ and ImageSets/)")
+    for folder_format in (f for f in FORMATS.values() if f.folder and format_ in ("auto", f.name)):
+        if folder_format.detect(root):
+            return folder_format.complete(dataclasses.replace(spec, format=folder_format.name), options)
+        if format_ == folder_format.name:
+            raise UsageError(f"--input {input_}: {folder_format.missing_hint}")
     if not _is_remote(input_) and os.path.isdir(input_):
         raise UsageError(f"--input {input_} is a folder without Annotations/; give a manifest file or glob, "
                          "or a VOC2012 root")
@@ -259,15 +249,11 @@ def resolve_spec(options: ManifestOptions, with_labels: bool = True) -> Manifest
         raise UsageError(f"--input {files[0]} is empty; a manifest needs a header line and data rows")
     missing = [c for c in required_columns(spec) if c not in header.columns]
     if missing:
-        hint = ("name them with --uri_column/--labels_column/--id_column" if format_ == "generic"
-                else f"this is not a {format_} manifest; pass --format")
         raise UsageError(f"{files[0]}: missing column(s) {', '.join(missing)} for --format {format_}; "
-                         f"found {list(header.columns)}; {hint}")
+                         f"found {list(header.columns)}; {FORMATS[format_].missing_hint}")
     if not header.has_rows and not any(read_header(f).has_rows for f in files[1:]):
         raise UsageError(f"--input {input_}: the manifest has no data rows (an empty file or a header only)")
-    if format_ == "planet":
-        spec = dataclasses.replace(spec, image_root=_planet_root(files[0], options.image_root))
-    return spec
+    return FORMATS[format_].complete(spec, options)
 
 
 def _planet_root(manifest: str, image_root: str | None) -> str:
@@ -453,21 +439,7 @@ def _parse_record(spec: ManifestSpec, path: str, base: str, columns: list[str], 
     if missing:
         return rejection(path, number, "", "", "parse", "missing_column",
                          f"row {number} of {path} lacks {missing}; it has {sorted(record)}")
-    if spec.format == "movie_genre":
-        return _row_or_reject(path, number, record["imdbId"] or "", record["Poster"] or "", base,
-                              split_labels(record["Genre"], "|"))
-    if spec.format == "planet":
-        name = (record["image_name"] or "").strip()
-        problem = _not_a_file_name(name) if name else None
-        if problem:
-            return rejection(path, number, name, "", "parse", "bad_image_name", f"Planet image_name {problem}")
-        uri = f"{name}.{spec.image_ext}" if name else ""
-        return _row_or_reject(path, number, name, uri, spec.image_root, split_labels(record["tags"], " "))
-    raw_uri = _cell(record[spec.uri_column])
-    id_ = _cell(record[spec.id_column]) if spec.id_column else raw_uri
-    # No labels column (batch prediction): rows carry no labels.
-    labels = split_labels(record[spec.labels_column], spec.label_delimiter) if spec.labels_column else ()
-    return _row_or_reject(path, number, id_, raw_uri, base, labels)
+    return FORMATS[spec.format].parse_record(spec, path, base, number, record)
 
 
 def _cell(value: Any) -> str:
@@ -536,6 +508,152 @@ def voc_ids(spec: ManifestSpec) -> tuple[str, list[str]]:
 
 # --- Beam transforms ----------------------------------------------------------------------------
 
+# --- the formats: one class each, in one table (FORMATS) ---------------------------------------
+
+class ManifestFormat:
+    """A manifest format: how it is recognised, the columns it needs, what a spec needs resolved
+    before the job (resolve_spec), and how a record becomes a row with its id and labels. Adding a
+    format is one subclass added to FORMATS (and its line in docs/dataset.md and README's table)."""
+
+    name: ClassVar[str]
+    folder: ClassVar[bool] = False  # the input is a folder (VOC), recognised before any file is matched
+    missing_hint: ClassVar[str] = ""  # what to do when its columns (or, for a folder, its layout) are missing
+
+    def detect(self, path: str) -> bool:
+        """Whether auto-detection takes `path` (a file's name and header, or a folder) for this format."""
+        raise NotImplementedError
+
+    def required_columns(self, spec: ManifestSpec) -> tuple[str, ...]:
+        return ()
+
+    def complete(self, spec: ManifestSpec, options: ManifestOptions) -> ManifestSpec:
+        """The spec with what this format resolves on the driver (checked, so a mistake is a UsageError)."""
+        return spec
+
+    def parse_record(self, spec: ManifestSpec, path: str, base: str, number: int, record: dict) -> ParseResult:
+        """One table record (its required columns present) -> a Row or its rejection."""
+        raise NotImplementedError
+
+    def inputs(self, spec: ManifestSpec) -> tuple[list[Any], beam.DoFn]:
+        """What the pipeline spreads over workers, and the DoFn that parses one of them: a file each."""
+        return list(spec.files), _ParseFile(spec)
+
+
+def _csv_columns(path: str) -> tuple[str, ...] | None:
+    return read_header(path).columns if manifest_kind(path) == "csv" else None
+
+
+class MovieGenre(ManifestFormat):
+    """Kaggle's MovieGenre.csv: id imdbId, image Poster, labels Genre split on |."""
+
+    name = "movie_genre"
+    missing_hint = "this is not a movie_genre manifest; pass --format"
+
+    def detect(self, path: str) -> bool:
+        columns = _csv_columns(path)
+        return columns is not None and columns[:1] == ("imdbId",) and "Poster" in columns
+
+    def required_columns(self, spec: ManifestSpec) -> tuple[str, ...]:
+        return ("imdbId", "Genre", "Poster")
+
+    def parse_record(self, spec: ManifestSpec, path: str, base: str, number: int, record: dict) -> ParseResult:
+        return _row_or_reject(path, number, record["imdbId"] or "", record["Poster"] or "", base,
+                              split_labels(record["Genre"], "|"))
+
+
+class Planet(ManifestFormat):
+    """Kaggle's train_v2.csv: id image_name (a plain file name), image <image_root>/<image_name>.<ext>,
+    labels tags split on spaces."""
+
+    name = "planet"
+    missing_hint = "this is not a planet manifest; pass --format"
+
+    def detect(self, path: str) -> bool:
+        return _csv_columns(path) == PLANET_COLUMNS
+
+    def required_columns(self, spec: ManifestSpec) -> tuple[str, ...]:
+        return PLANET_COLUMNS
+
+    def complete(self, spec: ManifestSpec, options: ManifestOptions) -> ManifestSpec:
+        return dataclasses.replace(spec, image_root=_planet_root(spec.files[0], options.image_root))
+
+    def parse_record(self, spec: ManifestSpec, path: str, base: str, number: int, record: dict) -> ParseResult:
+        name = (record["image_name"] or "").strip()
+        problem = _not_a_file_name(name) if name else None
+        if problem:
+            return rejection(path, number, name, "", "parse", "bad_image_name", f"Planet image_name {problem}")
+        uri = f"{name}.{spec.image_ext}" if name else ""
+        return _row_or_reject(path, number, name, uri, spec.image_root, split_labels(record["tags"], " "))
+
+
+class Voc(ManifestFormat):
+    """A VOC2012 root: id the annotation's file id, image JPEGImages/<filename>, labels the set of
+    object/name; one annotation per work item instead of one file."""
+
+    name = "voc"
+    folder = True
+    missing_hint = ("no Annotations/ folder there; for --format voc give the VOC2012 root (the folder holding "
+                    "Annotations/, JPEGImages/ and ImageSets/)")
+
+    def detect(self, path: str) -> bool:
+        return _exists_under(f"{path}/Annotations")
+
+    def complete(self, spec: ManifestSpec, options: ManifestOptions) -> ManifestSpec:
+        return _voc_spec(spec)
+
+    def inputs(self, spec: ManifestSpec) -> tuple[list[Any], beam.DoFn]:
+        source, ids = voc_ids(spec)
+        return [(source, i + 1, image_id) for i, image_id in enumerate(ids)], _ParseVoc(spec)
+
+
+class Generic(ManifestFormat):
+    """CSV, JSONL or Parquet: image --uri_column, labels --labels_column (a list, or a string split by
+    --label_delimiter), id --id_column (default: the URI as written). Recognises any file: last."""
+
+    name = "generic"
+    missing_hint = "name them with --uri_column/--labels_column/--id_column"
+
+    def detect(self, path: str) -> bool:
+        return True
+
+    def required_columns(self, spec: ManifestSpec) -> tuple[str, ...]:
+        return tuple(c for c in (spec.uri_column, spec.labels_column, spec.id_column) if c)
+
+    def parse_record(self, spec: ManifestSpec, path: str, base: str, number: int, record: dict) -> ParseResult:
+        raw_uri = _cell(record[spec.uri_column])
+        id_ = _cell(record[spec.id_column]) if spec.id_column else raw_uri
+        # No labels column (batch prediction): rows carry no labels.
+        labels = split_labels(record[spec.labels_column], spec.label_delimiter) if spec.labels_column else ()
+        return _row_or_reject(path, number, id_, raw_uri, base, labels)
+
+
+# Auto-detection tries the file formats in this order; --format lists them in it.
+FORMATS: dict[str, ManifestFormat] = {f.name: f for f in (MovieGenre(), Planet(), Voc(), Generic())}
+MANIFEST_FORMATS = tuple(FORMATS)
+
+
+@flags.group
+class ManifestOptions:
+    """Input: the manifest and its layout."""
+
+    input: str = option(help="manifest file, glob or gs:// URI; for VOC the VOC2012 root folder")
+    format: str = option("auto", choices=("auto", *MANIFEST_FORMATS),
+                         help="auto: MovieGenre header -> movie_genre, image_name,tags -> planet, a folder with "
+                              "Annotations/ -> voc, any other CSV/JSONL/Parquet -> generic")
+    uri_column: str = option("uri", help="generic manifests: the image URI column")
+    labels_column: str = option("labels", help="generic manifests: the labels column, a list or a string split by "
+                                               "--label_delimiter")
+    id_column: str | None = option(None, help="generic manifests: the id column (default: the URI as written)")
+    label_delimiter: str = option("|", help="generic manifests: separator of labels in a string cell")
+    image_root: str | None = option(None, help="Planet image folder, gs:// or http(s):// prefix (default: train-jpg/ "
+                                               "next to the manifest)")
+    image_ext: str = option("jpg", help="Planet image extension (jpg or tif)")
+    voc_image_set: str | None = option(None, help="VOC: use ImageSets/Main/<set>.txt (e.g. train, val, trainval); "
+                                                  "default all annotations")
+
+
+# --- Beam transforms --------------------------------------------------------------------------------
+
 class _ParseFile(beam.DoFn):
     def __init__(self, spec: ManifestSpec) -> None:
         self._spec = spec
@@ -580,12 +698,7 @@ class ReadManifest(beam.PTransform):
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
         spec = self._spec
-        if spec.format == "voc":
-            source, ids = voc_ids(spec)
-            items = [(source, i + 1, image_id) for i, image_id in enumerate(ids)]
-            parse: beam.DoFn = _ParseVoc(spec)
-        else:
-            items, parse = list(spec.files), _ParseFile(spec)
+        items, parse = FORMATS[spec.format].inputs(spec)
         # The reshuffle spreads files (or annotations) over workers instead of one bundle.
         return (pbegin
                 | "ListInputs" >> beam.Create(items)

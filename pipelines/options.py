@@ -1,55 +1,23 @@
 """The options of the Beam entry points, declared once (tagbeam.flags).
 
-Which entry point takes which group:
-
-| group | where | preprocess | predict | retrain |
-|---|---|---|---|---|
-| `ManifestOptions` | here | all | all but the label columns | forwarded to preprocess |
-| `LabelOptions` | here | all | - | forwarded (but --vocab_file, which retrain sets) |
-| `FetchOptions` | pipelines/fetch.py | all | all | forwarded |
-| `ImageOptions` | pipelines/images.py | all | --max_image_pixels | forwarded |
-| `SplitOptions` | here | all | - | forwarded |
-| `ReuseOptions` | pipelines/reuse.py | all | - | forwarded (but --reuse_dataset, which retrain sets) |
-| `OutputOptions` | here | all | all | set by retrain |
-| `PredictOptions` | here | - | all | - |
-| `RetrainOptions` | pipelines/retrain.py | - | - | all |
-| `HealthOptions` | pipelines/health.py | - | - | all |
-| `TrainOptions` | trainer/config.py | - | - | forwarded to trainer.task |
+Which entry point takes which group (each entry point's job dataclass names its groups:
+`flags.parts`), and every option's type, default and help: docs/options.md, generated from the
+declarations by `python -m pipelines.options_reference`.
 
 Any other argument must be one of Beam's pipeline options (--runner, --project, ...).
 """
 from __future__ import annotations
 
-import dataclasses
-
 from tagbeam.dataset import SHARD_COMPRESSIONS, UNLABELED_POLICIES
-from tagbeam.flags import check_fields, fraction, option, positive
+from tagbeam.flags import fraction, group, option, positive
 
-MANIFEST_FORMATS = ("movie_genre", "planet", "voc", "generic")
+# Option tags (tagbeam.flags.option(tags=...)): what else an option is part of.
+PREDICT = "predict"  # pipelines.predict takes it too
+ACCEPTANCE = "acceptance"  # it decides which sources are accepted: a dataset's image fingerprint holds it (reuse)
 PREDICTION_FORMATS = ("csv", "jsonl", "parquet")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class ManifestOptions:
-    """Input: the manifest and its layout."""
-
-    input: str = option(help="manifest file, glob or gs:// URI; for VOC the VOC2012 root folder")
-    format: str = option("auto", choices=("auto", *MANIFEST_FORMATS),
-                         help="auto: MovieGenre header -> movie_genre, image_name,tags -> planet, a folder with "
-                              "Annotations/ -> voc, any other CSV/JSONL/Parquet -> generic")
-    uri_column: str = option("uri", help="generic manifests: the image URI column")
-    labels_column: str = option("labels", help="generic manifests: the labels column, a list or a string split by "
-                                               "--label_delimiter")
-    id_column: str | None = option(None, help="generic manifests: the id column (default: the URI as written)")
-    label_delimiter: str = option("|", help="generic manifests: separator of labels in a string cell")
-    image_root: str | None = option(None, help="Planet image folder, gs:// or http(s):// prefix (default: train-jpg/ "
-                                               "next to the manifest)")
-    image_ext: str = option("jpg", help="Planet image extension (jpg or tif)")
-    voc_image_set: str | None = option(None, help="VOC: use ImageSets/Main/<set>.txt (e.g. train, val, trainval); "
-                                                  "default all annotations")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class LabelOptions:
     """Labels: which labels the dataset keeps, in which order."""
 
@@ -61,7 +29,7 @@ class LabelOptions:
                             help="rows with no known label: reject them, or keep them with all-zero labels")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class SplitOptions:
     """Splits and shards."""
 
@@ -72,14 +40,13 @@ class SplitOptions:
                                     help="none (the images are JPEG/PNG already, and every training read would pay "
                                          "to inflate them) or gzip")
 
-    def __post_init__(self) -> None:
-        check_fields(self)
+    def validate(self) -> None:
         if self.val_fraction + self.test_fraction > 1:
             raise ValueError(f"--val_fraction {self.val_fraction} and --test_fraction {self.test_fraction} must sum "
                              "to at most 1")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class OutputOptions:
     """Output."""
 
@@ -87,7 +54,7 @@ class OutputOptions:
     overwrite: bool = option(False, help="replace what a previous run of this job wrote in --output")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class PredictOptions:
     """Prediction."""
 

@@ -1,5 +1,5 @@
 """How a row's outcome is reported, in one place: Beam counters (namespace "tagbeam"), the
-`rejected` output tag, and the dead-letter record (tagbeam.dataset.Rejection).
+output tags, and the dead-letter record (tagbeam.dataset.Rejection).
 
 A rejection is counted as `rejected_<stage>_<reason>` where it is made, so the counters and the
 dead letter always agree.
@@ -15,7 +15,11 @@ from tagbeam import storage
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, SOURCES_PREFIX, SOURCES_SUFFIX, Rejection
 
 COUNTER_NAMESPACE = "tagbeam"
-REJECTED_TAG = "rejected"
+# The tagged outputs of the pipeline's steps, in one place.
+REJECTED_TAG = "rejected"  # dead-letter records (every step)
+REUSED_TAG = "reused"  # rows whose stored image comes from the earlier dataset (pipelines/examples.py -> reuse.py)
+SOURCES_TAG = "sources"  # where each example's Source leaves EncodeRows and the rebuild
+TALLIES_TAG = "tallies"  # (rows fetched, reused, revalidated) per batch, summed into dataset.json
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,8 +29,8 @@ from pipelines import cli, dataset_info, fetch, images, manifests, predict_repor
 from pipelines.examples import decoded_or_rejection, fetch_rows
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
-from pipelines.manifests import Row
-from pipelines.options import ManifestOptions, OutputOptions, PredictOptions
+from pipelines.manifests import ManifestOptions, Row
+from pipelines.options import PREDICT, OutputOptions, PredictOptions
 from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, rejected
 from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection, StoredImages
@@ -41,30 +41,26 @@ _LOG = logging.getLogger("pipelines.predict")
 ENTRY_POINT = "pipelines.predict"
 SUMMARY_JSON = "summary.json"
 PREDICTIONS_PREFIX = "predictions"
-# Of the image options only the decoding bounds apply (the model's export fixes the rest). A
-# manifest's labels, when it has them, are scored against the predictions (pipelines/predict_report.py).
-_MANIFEST_FLAGS = [f.name for f in dataclasses.fields(ManifestOptions)]
-_IMAGE_FLAGS = ["max_pixels", "max_decoded_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
 class PredictJob:
+    """The entry point's option groups. Of the image options only the decoding bounds apply (the
+    model's export fixes the rest): the options tagged PREDICT. A manifest's labels, when it has
+    them, are scored against the predictions (pipelines/predict_report.py)."""
+
     manifest: ManifestOptions
     output: OutputOptions
     predict: PredictOptions
     fetch: FetchOptions
-    image: ImageOptions
+    image: ImageOptions = flags.part(only_tagged=PREDICT)
     flags: dict[str, Any]
 
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=f"python -m {ENTRY_POINT}", description=__doc__.split("\n\n")[0],
                      epilog="Any other argument must be one of Beam's pipeline options (--runner, --project, ...).")
-    flags.add_options(p, ManifestOptions, only=_MANIFEST_FLAGS)
-    flags.add_options(p, OutputOptions)
-    flags.add_options(p, PredictOptions)
-    flags.add_options(p, FetchOptions)
-    flags.add_options(p, ImageOptions, only=_IMAGE_FLAGS)
+    flags.add_job_options(p, PredictJob)
     return p
 
 
@@ -72,9 +68,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[PredictJob, list[str]
     parser = build_parser()
     namespace, beam_args = flags.parse_with_beam(parser, argv, ENTRY_POINT)
     try:
-        job = PredictJob(flags.build(ManifestOptions, namespace), flags.build(OutputOptions, namespace),
-                         flags.build(PredictOptions, namespace), flags.build(FetchOptions, namespace),
-                         flags.build(ImageOptions, namespace), dict(vars(namespace)))
+        job = PredictJob(**flags.build_parts(PredictJob, namespace), flags=dict(vars(namespace)))
     except UsageError as err:
         parser.error(str(err))
     return job, beam_args
@@ -129,9 +123,7 @@ class FetchAndCheck(beam.DoFn):
 
     def __init__(self, options: fetch.FetchOptions, limits: ImageOptions, stored: StoredImages | None) -> None:
         self._options = options
-        self._image_options = None if stored is None else dataclasses.replace(
-            limits, size=stored.image_size, policy=stored.resize_policy, output_format=stored.image_format,
-            jpeg_quality=stored.jpeg_quality, jpeg_subsampling=stored.jpeg_subsampling)
+        self._image_options = None if stored is None else limits.storing(stored)
         self._limits = limits
 
     def _model_input(self, data: bytes) -> bytes:
@@ -349,7 +341,7 @@ def prepare_output(output: str, overwrite: bool) -> None:
     if existing and not overwrite:
         raise UsageError(f"--output {output} already holds predictions ({len(existing)} files); "
                          "pass --overwrite to replace them or choose another folder")
-    cli.claim_output(output, overwrite, ENTRY_POINT)
+    dataset_info.claim_output(output, overwrite, ENTRY_POINT)
     if existing:
         FileSystems.delete(existing)
 

@@ -32,12 +32,20 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines import cli, dataset_info, manifests, reuse, runners, vocabulary
-from pipelines.reuse import SOURCES_TAG, TALLIES_TAG
-from pipelines.examples import REUSED_TAG, EncodeRows, ExampleOptions, plan_shards
+from pipelines.examples import EncodeRows, ExampleOptions, plan_shards
 from pipelines.fetch import FetchOptions
 from pipelines.images import ImageOptions
-from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, SplitOptions
-from pipelines.outcomes import COUNTER_NAMESPACE, REJECTED_TAG, WriteRejected, WriteSources
+from pipelines.manifests import ManifestOptions
+from pipelines.options import LabelOptions, OutputOptions, SplitOptions
+from pipelines.outcomes import (
+    COUNTER_NAMESPACE,
+    REJECTED_TAG,
+    REUSED_TAG,
+    SOURCES_TAG,
+    TALLIES_TAG,
+    WriteRejected,
+    WriteSources,
+)
 from pipelines.shards import ShardPlan, WriteShards
 from tagbeam import console, flags, storage
 from tagbeam.dataset import DATASET_JSON, TRANSFORM_OUTPUT, labels_text
@@ -45,7 +53,6 @@ from tagbeam.flags import UsageError
 
 _LOG = logging.getLogger("pipelines.preprocess")
 ENTRY_POINT = "pipelines.preprocess"
-GROUPS = (ManifestOptions, OutputOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions, reuse.ReuseOptions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +70,10 @@ class PreprocessJob:
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> "PreprocessJob":
-        return cls(*(flags.build(group, namespace) for group in GROUPS), flags=dict(vars(namespace)))
+        return cls(**flags.build_parts(cls, namespace), flags=dict(vars(namespace)))
+
+    def layout(self) -> dataset_info.Layout:
+        return dataset_info.Layout(self.image.stored, self.splits.shard_compression, self.labels.unlabeled)
 
     def example_options(self) -> ExampleOptions:
         return ExampleOptions(self.fetch, self.image, self.splits.val_fraction, self.splits.test_fraction,
@@ -73,8 +83,7 @@ class PreprocessJob:
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=f"python -m {ENTRY_POINT}", description=__doc__.split("\n\n")[0],
                      epilog="Any other argument must be one of Beam's pipeline options (--runner, --project, ...).")
-    for group in GROUPS:
-        flags.add_options(p, group)
+    flags.add_job_options(p, PreprocessJob)
     return p
 
 
@@ -165,7 +174,7 @@ def build(p: beam.Pipeline, spec: manifests.ManifestSpec, fixed: Sequence[str] |
     record = dataset_info.ReuseRecord(reuse.fingerprint(job.image, job.fetch), previous.data_dir if previous else "")
     _ = ({"plan": plan, "stats": stats, "shards": shards, "rejected_files": rejected_files, "tallies": tallies,
           "sources_files": sources_files}
-         | "CommitDataset" >> dataset_info.CommitDataset(output, options_record, record))
+         | "CommitDataset" >> dataset_info.CommitDataset(output, job.layout(), options_record, record))
 
 
 def _counters(result: Any) -> dict[str, int]:

@@ -31,11 +31,12 @@ from pipelines import cli, health, night_report, runners
 from pipelines.fetch import FetchOptions
 from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
-from pipelines.options import LabelOptions, ManifestOptions, SplitOptions
+from pipelines.manifests import ManifestOptions
+from pipelines.options import LabelOptions, SplitOptions
 from pipelines.reuse import ReuseOptions
 from tagbeam import console, dataset, export as model_files, flags, lease as leases, storage
 from tagbeam.dataset import DATASET_JSON
-from tagbeam.flags import UsageError, at_least, option, positive
+from tagbeam.flags import UsageError, at_least, group, option, positive
 from tagbeam.workspace import PROMOTED, RESTORE_CHAMPION, Champion, StateError, Workspace, relative
 from trainer.config import TrainOptions
 
@@ -47,14 +48,11 @@ IF_HELD = ("skip", "wait", "fail")
 PROMOTE_ATTEMPTS = 5  # comparisons with a champion that keeps changing before the run gives up
 METRICS = ("macro_f1", "micro_f1", "macro_fbeta", "macro_average_precision")
 SCORING_BATCH = 64
-# The preprocess step's option groups, forwarded as given; --output, --overwrite, --vocab_file and
-# --reuse_dataset are the run's own (its dataset folder, the champion's label order, the newest
-# earlier dataset).
-PREPROCESS_GROUPS = (ManifestOptions, LabelOptions, ImageOptions, FetchOptions, SplitOptions, ReuseOptions)
-_SET_BY_RETRAIN = ("vocab_file", "reuse_dataset")
+PREPROCESS = "pipelines.preprocess"
+TRAINER = "trainer.task"
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class RetrainOptions:
     """Retraining: the workspace, the step and the promotion gate."""
 
@@ -90,29 +88,32 @@ class StepError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class RetrainJob:
+    """The option groups: its own, and those of the steps it runs, forwarded as given. --output,
+    --overwrite, --vocab_file and --reuse_dataset are the run's own (its dataset folder, the
+    champion's label order, the newest earlier dataset)."""
+
     retrain: RetrainOptions
-    preprocess: tuple[Any, ...]  # PREPROCESS_GROUPS, in order
     health: HealthOptions
-    train: TrainOptions
+    manifest: ManifestOptions = flags.part(to=PREPROCESS, not_required=("input",))
+    labels: LabelOptions = flags.part(to=PREPROCESS, exclude=("vocab_file",))
+    image: ImageOptions = flags.part(to=PREPROCESS)
+    fetch: FetchOptions = flags.part(to=PREPROCESS)
+    splits: SplitOptions = flags.part(to=PREPROCESS)
+    reuse: ReuseOptions = flags.part(to=PREPROCESS, exclude=("reuse_dataset",))
+    train: TrainOptions = flags.part(to=TRAINER, title=f"{TRAINER}: training")
     beam_args: tuple[str, ...]  # Beam pipeline options, for the preprocess step
     argv: tuple[str, ...]  # as given (with --flags_json expanded), recorded for the run's later steps
 
-    @property
-    def manifest(self) -> ManifestOptions:
-        return self.preprocess[0]
+    def forwarded(self, entry_point: str) -> list[str]:
+        """The flags of every option group this job forwards to `entry_point`, as the user gave them."""
+        return [arg for p in flags.parts(type(self)) if p.to == entry_point for arg in flags.to_argv(getattr(self, p.name))]
 
 
 def build_parser() -> flags.Parser:
     p = flags.Parser(prog=f"python -m {ENTRY_POINT}", description=__doc__.split("\n\n")[0],
                      epilog="Options of pipelines.preprocess and trainer.task are forwarded to them; any other "
                             "argument must be one of Beam's pipeline options (forwarded to the preprocess step).")
-    flags.add_options(p, RetrainOptions)
-    flags.add_options(p, HealthOptions)
-    for group in PREPROCESS_GROUPS:
-        flags.add_options(p, group, title=f"pipelines.preprocess: {(group.__doc__ or '').split(':')[0].strip()}",
-                          exclude=[o.name for o in flags.declared(group) if o.name in _SET_BY_RETRAIN],
-                          not_required=("input",))
-    flags.add_options(p, TrainOptions, title="trainer.task: training")
+    flags.add_job_options(p, RetrainJob)
     return p
 
 
@@ -142,10 +143,7 @@ def parse_args(argv: Sequence[str] | None) -> RetrainJob:
     try:
         given = _expand(sys.argv[1:] if argv is None else argv)
         namespace, beam_args = flags.parse_with_beam(parser, given, ENTRY_POINT)
-        return RetrainJob(flags.build(RetrainOptions, namespace),
-                          tuple(flags.build(group, namespace) for group in PREPROCESS_GROUPS),
-                          flags.build(HealthOptions, namespace), flags.build(TrainOptions, namespace),
-                          tuple(beam_args), tuple(given))
+        return RetrainJob(**flags.build_parts(RetrainJob, namespace), beam_args=tuple(beam_args), argv=tuple(given))
     except UsageError as err:
         parser.error(str(err))
 
@@ -190,9 +188,7 @@ def newest_dataset(workspace: Workspace, run_id: str) -> str | None:
 
 
 def preprocess_argv(job: RetrainJob, workspace: Workspace, run_id: str, champion: Champion | None) -> list[str]:
-    argv = ["pipelines.preprocess", "--output", workspace.dataset_dir(run_id), "--overwrite"]
-    for options in job.preprocess:
-        argv += flags.to_argv(options)
+    argv = [PREPROCESS, "--output", workspace.dataset_dir(run_id), "--overwrite", *job.forwarded(PREPROCESS)]
     if champion:
         # The champion's vocabulary keeps label order (and so the model's output columns) stable.
         argv += ["--vocab_file", champion.labels_file]
@@ -203,8 +199,8 @@ def preprocess_argv(job: RetrainJob, workspace: Workspace, run_id: str, champion
 
 
 def train_argv(job: RetrainJob, workspace: Workspace, run_id: str) -> list[str]:
-    argv = ["trainer.task", "--data_dir", workspace.dataset_dir(run_id), "--model_dir", workspace.model_dir(run_id),
-            *flags.to_argv(job.train)]
+    argv = [TRAINER, "--data_dir", workspace.dataset_dir(run_id), "--model_dir", workspace.model_dir(run_id),
+            *job.forwarded(TRAINER)]
     if job.train.feature_store is None:
         # Shared by the workspace's runs: a night extracts backbone features for its new images only.
         argv += ["--feature_store", workspace.features_dir]

@@ -11,7 +11,7 @@ A row is taken from the earlier dataset (`--reuse_dataset`) when
   mtime). A changed source (HTTP 200 ...) is used as fetched, so it costs one download, as before.
 Labels always come from the new manifest (relabels apply); the split is a hash of the id, so it is
 the one a full rebuild gives. Rows gone from the manifest are gone from the dataset. The reused
-example is rebuilt from the stored image with the row's new labels by the same `to_example`, so the
+example is rebuilt from the stored image with the row's new labels by the same `dataset.to_example`, so the
 shards are the bytes a full rebuild writes (tests/test_reuse.py checks it).
 
 Beam: rows decided as reused leave `EncodeRows` as small `Reused` records (no image); the earlier
@@ -34,19 +34,18 @@ import apache_beam as beam
 from pipelines import images
 from pipelines.fetch import FetchOptions
 from pipelines.manifests import Row
-from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected
+from pipelines.options import ACCEPTANCE
+from pipelines.outcomes import REJECTED_TAG, SOURCES_TAG, TALLIES_TAG, count, reject_row, rejected
 from pipelines.shards import Encoded, ShardPlan, shard_key
-from tagbeam import dataset, storage
+from tagbeam import dataset, flags, storage
 from tagbeam.dataset import Source
-from tagbeam.flags import UsageError, check_fields, option
+from tagbeam.flags import UsageError, group, option
 
 _LOG = logging.getLogger(__name__)
-SOURCES_TAG = "sources"  # where each example's Source leaves EncodeRows and the rebuild
-TALLIES_TAG = "tallies"  # (rows fetched, reused, revalidated) per batch, summed into dataset.json
 REVALIDATE_POLICIES = ("none", "conditional")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class ReuseOptions:
     """Reuse: an earlier dataset's images for rows whose source is unchanged."""
 
@@ -57,9 +56,6 @@ class ReuseOptions:
                              help="none: the same id and URI is unchanged; conditional: ask the source first "
                                   "(HTTP ETag/Last-Modified -> 304, gs:// generation, local size and mtime) and "
                                   "fetch only what changed")
-
-    def __post_init__(self) -> None:
-        check_fields(self)
 
 
 class Reused(NamedTuple):
@@ -83,16 +79,13 @@ class Previous:
     compression: str
 
 
-# Fetch options that decide whether a source is accepted at all: a run with other values might reject
-# (or admit) an image the earlier run admitted (or rejected), so their datasets are not interchangeable.
-_ACCEPTANCE = ("max_bytes", "max_redirects", "allow_loopback", "allow_link_local", "allow_local_files")
-
-
 def fingerprint(image_options: images.ImageOptions, fetch_options: FetchOptions) -> str:
     """dataset.json's image_fingerprint: what makes a stored image from a source (pipelines.images.identity)
-    and what decides whether a source is accepted. A run reuses only a dataset whose fingerprint is its own."""
+    and what decides whether a source is accepted (the fetch options tagged ACCEPTANCE: a run with other
+    values might reject, or admit, an image the earlier run admitted, or rejected). A run reuses only a
+    dataset whose fingerprint is its own."""
     what = {"image": images.identity(image_options),
-            "fetch": {name: getattr(fetch_options, name) for name in _ACCEPTANCE}}
+            "fetch": {name: getattr(fetch_options, name) for name in flags.tagged(FetchOptions, ACCEPTANCE)}}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -158,8 +151,6 @@ def _rebuild(record: bytes, reused: Mapping[str, Reused], plan: ShardPlan) -> It
     shard, if its id was decided reused; nothing otherwise (a changed, relabelled-away or removed row)."""
     from tensorflow.core.example import example_pb2
 
-    from pipelines.examples import to_example
-
     example = example_pb2.Example.FromString(record)
     features = example.features.feature
     id_ = features[dataset.FEATURE_ID].bytes_list.value[0].decode("utf-8")
@@ -169,7 +160,7 @@ def _rebuild(record: bytes, reused: Mapping[str, Reused], plan: ShardPlan) -> It
     image = features[dataset.FEATURE_IMAGE].bytes_list.value[0]
     count("images_reused")
     yield beam.pvalue.TaggedOutput(SOURCES_TAG, row.source)
-    yield shard_key(Encoded(row.split, id_, to_example(id_, image, row.label_ids, len(plan.labels)), row.label_ids),
+    yield shard_key(Encoded(row.split, id_, dataset.to_example(id_, image, row.label_ids, len(plan.labels)), row.label_ids),
                     plan.num_shards)
 
 

@@ -30,7 +30,7 @@ from apache_beam.options.pipeline_options import (
 )
 
 from pipelines.cli import LOCAL_RUNNER
-from pipelines.options import ManifestOptions
+from pipelines.manifests import ManifestOptions
 from tagbeam import storage
 from tagbeam.flags import UsageError
 

@@ -13,6 +13,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from tagbeam import storage
+from tagbeam.stored import (  # noqa: F401 - the image enums are part of the dataset contract too
+    IMAGE_FORMATS,
+    JPEG_SUBSAMPLINGS,
+    RESIZE_POLICIES,
+    StoredImages,
+)
+from tagbeam.stored import LEGACY_DEFAULTS as _STORED_LEGACY
 
 FORMAT_VERSION = 1
 
@@ -31,10 +38,6 @@ SHARD_TEMPLATE = "-SSSSS-of-NNNNN"  # Beam's shard_name_template of the text out
 
 # --- enums both sides need ----------------------------------------------------------------------
 SPLITS = ("train", "val", "test")
-IMAGE_FORMATS = ("jpeg", "png")  # how the stored images are encoded
-RESIZE_POLICIES = ("squash", "crop", "pad")
-# Chroma subsampling of stored JPEGs; the serving signature re-encodes the same way.
-JPEG_SUBSAMPLINGS = ("4:2:0", "4:4:4")
 SHARD_COMPRESSIONS = ("none", "gzip")
 SHARD_SUFFIXES = {"none": ".tfrecord", "gzip": ".tfrecord.gz"}
 TF_COMPRESSION_TYPES = {"none": "", "gzip": "GZIP"}  # tf.data's compression_type of each
@@ -51,9 +54,26 @@ FEATURE_ID = "id"
 FEATURE_IMAGE = "image"
 FEATURE_LABELS = "labels"
 
+
+def to_example(id_: str, image: bytes, label_ids: Sequence[int], num_labels: int) -> bytes:
+    """The serialized tf.train.Example of docs/dataset.md: what the pipeline writes and every reader
+    parses with the FEATURE_* keys (TensorFlow's protobufs, imported here only)."""
+    from tensorflow.core.example import example_pb2, feature_pb2
+
+    multi_hot = [0] * num_labels
+    for label in label_ids:
+        multi_hot[label] = 1
+    features = feature_pb2.Features(feature={
+        FEATURE_ID: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[id_.encode("utf-8")])),
+        FEATURE_IMAGE: feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[image])),
+        FEATURE_LABELS: feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=multi_hot)),
+    })
+    # deterministic: map entries sorted by key, so that equal examples are equal bytes in every process
+    return example_pb2.Example(features=features).SerializeToString(deterministic=True)
+
 # What a dataset.json without a field means: those fields were added later, and datasets written
-# before hold GZIP shards and 4:4:4 JPEGs.
-LEGACY_DEFAULTS = {"shard_compression": "gzip", "jpeg_subsampling": "4:4:4", "jpeg_quality": 95}
+# before hold GZIP shards (and what tagbeam.stored says of the image fields).
+LEGACY_DEFAULTS = {"shard_compression": "gzip", **_STORED_LEGACY}
 
 
 class DatasetError(ValueError):
@@ -157,28 +177,6 @@ def sources_file_pattern(folder: str) -> str:
     return storage.join(folder, f"{SOURCES_PREFIX}-*{SOURCES_SUFFIX}")
 
 
-# --- how the images are stored -----------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class StoredImages:
-    """How a dataset stores its images: what the trainer decodes, what the serving signature
-    reproduces, and what `pipelines.predict` needs to make the same bytes from a source image (the
-    export carries it as an asset, so a model predicts correctly after its dataset is gone)."""
-
-    image_size: int
-    image_format: str  # IMAGE_FORMATS
-    resize_policy: str  # RESIZE_POLICIES
-    jpeg_quality: int
-    jpeg_subsampling: str  # JPEG_SUBSAMPLINGS
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, meta: Mapping[str, Any]) -> "StoredImages":
-        return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
-
-
 # --- dataset.json -------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -234,14 +232,8 @@ class DatasetInfo:
         return TF_COMPRESSION_TYPES[self.shard_compression]
 
     @property
-    def stored_jpeg(self) -> tuple[int, str] | None:
-        """(quality, chroma subsampling) of the stored JPEGs; None when images are PNG."""
-        return (self.jpeg_quality, self.jpeg_subsampling) if self.image_format == "jpeg" else None
-
-    @property
     def stored_images(self) -> StoredImages:
-        return StoredImages(self.image_size, self.image_format, self.resize_policy, self.jpeg_quality,
-                            self.jpeg_subsampling)
+        return StoredImages(**{f.name: getattr(self, f.name) for f in dataclasses.fields(StoredImages)})
 
     @property
     def examples(self) -> int:
@@ -312,6 +304,8 @@ class DatasetInfo:
         num_labels = field("num_labels", int)
         if num_labels != len(labels) or num_labels < 1:
             raise DatasetError(f"{where}: num_labels={num_labels} but {len(labels)} labels are listed")
+        field("image_size", int)  # this message for a file that is no dataset.json at all
+        stored = StoredImages.from_json(meta, lambda problem: DatasetError(f"{where}: {problem}"))
         splits = {}
         for name, split in field("splits", dict).items():
             if name not in SPLITS or not isinstance(split, dict):
@@ -322,12 +316,8 @@ class DatasetInfo:
                                      {label: int(counts.get(label, 0)) for label in labels})
         return cls(
             labels=labels,
-            image_size=field("image_size", int),
-            image_format=choice("image_format", IMAGE_FORMATS),
-            resize_policy=choice("resize_policy", RESIZE_POLICIES),
+            **stored.to_json(),
             splits=splits,
-            jpeg_quality=field("jpeg_quality", int, LEGACY_DEFAULTS["jpeg_quality"]),
-            jpeg_subsampling=choice("jpeg_subsampling", JPEG_SUBSAMPLINGS),
             shard_compression=choice("shard_compression", SHARD_COMPRESSIONS),
             input_rows=field("input_rows", int, 0),
             rejected=field("rejected", int, 0),

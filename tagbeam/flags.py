@@ -1,13 +1,17 @@
 """Options declared once, as dataclass fields, and everything derived from that one declaration.
 
-An option group is a frozen, keyword-only dataclass; each field is declared with `option(...)`:
-its type (from the annotation), default, help, choices and value check live there and nowhere
+An option group is a class decorated with `@group` (a frozen, keyword-only dataclass, registered
+in one registry); each field is declared with `option(...)`: its type (from the annotation),
+default, help, choices, value check and tags (what else uses it: `tagged`) live there and nowhere
 else. From that declaration this module derives
 
 - the argparse flags of every entry point that takes the group (`add_options`), whose values are
   checked while parsing, so a bad value is one `error:` line and exit 2;
-- the typed object from the parsed flags (`build`), whose `__post_init__` checks what involves
-  several fields;
+- the checks of every object of a group, built from flags (`build`) or in code: each field's
+  type and declared check, then the group's own `validate()` for what involves several fields,
+  always, as a ValueError naming the flag;
+- the entry points' option sets: a job is a dataclass whose fields are option groups
+  (`add_job_options`, `build_job`), named, never positional;
 - the command line that forwards a group to another entry point (`to_argv`), for the
   orchestrators (`pipelines.retrain` runs `pipelines.preprocess` and `trainer.task`), so that a
   default changed in its one declaration is changed everywhere;
@@ -30,6 +34,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NoReturn
 
 _META = "tagbeam_option"
+# Every option group, by qualified name: what docs/options.md and the contract tests iterate.
+_REGISTRY: dict[str, type] = {}
 
 
 class UsageError(Exception):
@@ -37,12 +43,23 @@ class UsageError(Exception):
     Entry points print it as one `error:` line and exit 2."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Says a flag's default once: not for a required flag or one without a value by default, and
+    not when its help already says what the default is (a default computed at run time)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.required or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, like every other user error of these tools."""
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)  # specs must spell flags in full
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _HelpFormatter)
         super().__init__(**kwargs)
 
     def error(self, message: str) -> NoReturn:
@@ -54,16 +71,46 @@ Check = Callable[[Any], "str | None"]
 
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None,  # noqa: A002
            choices: Sequence[Any] | None = None, check: Check | None = None, env: str | None = None,
-           aliases: Sequence[str] = (), metavar: str | None = None) -> Any:
+           aliases: Sequence[str] = (), metavar: str | None = None, tags: Iterable[str] = ()) -> Any:
     """One option: a dataclass field plus what its flag needs.
 
     flag: the command-line name without "--" (default: the field name). check: returns why a value
     is not allowed, or None. env: an environment variable that supplies the default when set
     (Vertex AI's AIP_* conventions); without it and without a default the flag is required.
+    tags: what else this option is part of (e.g. "the entry point predict takes it"), read back
+    with `tagged` instead of a list of field names kept beside the declaration.
     """
     meta = {_META: {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "check": check,
-                    "env": env, "aliases": tuple(aliases), "metavar": metavar}}
+                    "env": env, "aliases": tuple(aliases), "metavar": metavar, "tags": frozenset(tags)}}
     return dataclasses.field(default=default, metadata=meta)
+
+
+def group(cls: type) -> type:
+    """Declares an option group: a frozen, keyword-only dataclass of `option(...)` fields that checks
+    every object made of it - each field's type, choices and check (`check_fields`), then the
+    group's own `validate()` if it has one (rules that involve several fields) - and registers it.
+
+    A group defines `validate`, never `__post_init__`, so that no group can skip the field checks.
+    """
+    if "__post_init__" in cls.__dict__:
+        raise TypeError(f"{cls.__name__}: an option group checks several fields in validate(), not __post_init__")
+
+    def __post_init__(self: Any) -> None:
+        check_fields(self)
+        validate = getattr(self, "validate", None)
+        if validate is not None:
+            validate()
+
+    cls.__post_init__ = __post_init__  # type: ignore[attr-defined]
+    made = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    declared(made)  # a bad declaration fails at import, not when a flag is first parsed
+    _REGISTRY[f"{made.__module__}.{made.__qualname__}"] = made
+    return made
+
+
+def registered() -> list[type]:
+    """Every option group declared so far (imported modules only), in declaration order."""
+    return list(_REGISTRY.values())
 
 
 # --- value checks (return why a value is wrong, or None) ----------------------------------------
@@ -102,10 +149,21 @@ class Declared:
     env: str | None
     aliases: tuple[str, ...]
     metavar: str | None
+    tags: frozenset[str]
 
     @property
     def required(self) -> bool:
         return self.default is dataclasses.MISSING
+
+    def type_problem(self, value: Any) -> str | None:
+        """Why `value` is not of this option's type, or None (None itself is left to the caller)."""
+        if self.kind is bool:
+            ok = isinstance(value, bool)
+        elif self.kind is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, self.kind) and not isinstance(value, bool)
+        return None if ok else f"expected {self.kind.__name__}, got {value!r}"
 
     def parse(self, text: str) -> Any:
         """The value of `text`, or ArgumentTypeError saying why not (argparse names the flag)."""
@@ -137,19 +195,33 @@ def declared(cls: type) -> list[Declared]:
         if kind not in (int, float, str, bool):
             raise TypeError(f"{cls.__name__}.{f.name}: options are int, float, str or bool (or X | None)")
         found.append(Declared(f.name, meta["flag"] or f.name, kind, optional, f.default, meta["help"],
-                              meta["choices"], meta["check"], meta["env"], meta["aliases"], meta["metavar"]))
+                              meta["choices"], meta["check"], meta["env"], meta["aliases"], meta["metavar"],
+                              meta["tags"]))
     return found
 
 
+def tagged(cls: type, tag: str) -> list[str]:
+    """The names of the options of group `cls` declared with `tag`."""
+    return [o.name for o in declared(cls) if tag in o.tags]
+
+
 def check_fields(options: Any) -> None:
-    """Runs every field's declared check (and choices) on an option group built in code, with the
-    same rule its flag applies; raises ValueError naming the flag. Call it from __post_init__."""
+    """Runs every field's type, choices and declared check on an option group, with the same rule
+    its flag applies; raises ValueError naming the flag. `@group` runs it for every object.
+
+    None passes where the option is optional, and where it is required (no default): an
+    orchestrator may leave a required option to the step that needs it (`add_options`'s
+    not_required), and that step's parser requires it."""
     for o in declared(type(options)):
         value = getattr(options, o.name)
-        if value is None or o.kind is bool:
-            continue
-        problem = None
-        if o.kind is float and not math.isfinite(value):
+        if value is None:
+            if o.optional or o.required:
+                continue
+            raise ValueError(f"--{o.flag} must be given a value, got None")
+        problem = o.type_problem(value)
+        if problem or o.kind is bool:
+            pass
+        elif o.kind is float and not math.isfinite(value):
             problem = f"must be a finite number, got {value}"
         elif o.choices and value not in o.choices:
             problem = f"{value!r} is not one of {', '.join(map(str, o.choices))}"
@@ -205,6 +277,59 @@ def add_options(parser: argparse.ArgumentParser, cls: type, *, title: str | None
         group.add_argument(*names, **kwargs)
 
 
+# --- entry points: a job is a named set of option groups ----------------------------------------
+
+_PART = "tagbeam_part"
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """One option group of an entry point's job, and which of its options the entry point takes."""
+
+    name: str  # the job's field
+    group: type
+    title: str | None = None
+    only_tagged: str | None = None  # only the group's options declared with this tag
+    exclude: tuple[str, ...] = ()  # options the entry point sets itself
+    not_required: tuple[str, ...] = ()  # see add_options
+    to: str | None = None  # the entry point this part is forwarded to (an orchestrator's step)
+
+    @property
+    def options(self) -> list[Declared]:
+        only = tagged(self.group, self.only_tagged) if self.only_tagged else None
+        return _select(self.group, only, self.exclude)
+
+
+def part(*, title: str | None = None, only_tagged: str | None = None, exclude: Iterable[str] = (),
+         not_required: Iterable[str] = (), to: str | None = None) -> Any:
+    """A job's field that holds an option group, with what `Part` says about it. A field annotated
+    with a registered group and no `part()` takes all of the group's options."""
+    return dataclasses.field(metadata={_PART: {"title": title, "only_tagged": only_tagged, "exclude": tuple(exclude),
+                                               "not_required": tuple(not_required), "to": to}})
+
+
+def parts(job: type) -> list[Part]:
+    """The option groups of an entry point's job dataclass, in field order."""
+    hints = typing.get_type_hints(job)
+    groups = set(_REGISTRY.values())
+    return [Part(f.name, hints[f.name], **f.metadata.get(_PART, {}))
+            for f in dataclasses.fields(job) if hints[f.name] in groups]
+
+
+def add_job_options(parser: argparse.ArgumentParser, job: type) -> None:
+    """The flags of every option group of `job` (see `parts`)."""
+    for p in parts(job):
+        title = p.title
+        if title is None and p.to:
+            title = f"{p.to}: {(p.group.__doc__ or '').split(':')[0].strip()}"
+        add_options(parser, p.group, title=title, only=[o.name for o in p.options], not_required=p.not_required)
+
+
+def build_parts(job: type, namespace: argparse.Namespace) -> dict[str, Any]:
+    """Every option group of `job` from parsed flags, by field name (UsageError as `build`)."""
+    return {p.name: build(p.group, namespace) for p in parts(job)}
+
+
 def build(cls: type, namespace: argparse.Namespace, **overrides: Any) -> Any:
     """The option group `cls` from parsed flags; raises UsageError when the group's own checks
     (several fields together) fail."""
@@ -236,6 +361,50 @@ def to_argv(options: Any, *, exclude: Iterable[str] = ()) -> list[str]:
 
 def flag_names(*classes: type) -> set[str]:
     return {f"--{name}" for cls in classes for o in declared(cls) for name in (o.flag, *o.aliases)}
+
+
+# --- the option reference (docs/options.md) ---------------------------------------------------
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _shown_default(o: Declared) -> str:
+    if o.required:
+        return f"${o.env}" if o.env else "required"
+    if o.kind is bool or o.default is None:
+        return "off" if o.kind is bool else "-"
+    return f"`{o.default:g}`" if o.kind is float else f"`{o.default}`"
+
+
+def reference(entry_points: dict[str, type], tag_notes: dict[str, str] | None = None) -> str:
+    """The option reference of `entry_points` (entry point -> its job dataclass), in Markdown: which
+    entry point takes which group, then every group's options with type, default and help (and, for
+    an option declared with a tag in `tag_notes`, that note)."""
+    groups: dict[type, dict[str, str]] = {}
+    for entry_point, job in entry_points.items():
+        for p in parts(job):
+            taken = [o.name for o in p.options]
+            every = [o.name for o in declared(p.group)]
+            shown = "all" if taken == every else (
+                f"all but {', '.join('--' + o.flag for o in declared(p.group) if o.name not in taken)}"
+                if len(taken) > len(every) / 2 else ", ".join(f"--{o.flag}" for o in p.options))
+            groups.setdefault(p.group, {})[entry_point] = shown + (f" (forwarded to {p.to})" if p.to else "")
+    names = list(entry_points)
+    lines = ["| group | module | " + " | ".join(f"`{n}`" for n in names) + " |",
+             "|---|---|" + "---|" * len(names)]
+    for cls, taken_by in groups.items():
+        lines.append(f"| [`{cls.__name__}`](#{cls.__name__.lower()}) | `{cls.__module__}` | "
+                     + " | ".join(_cell(taken_by.get(n, "-")) for n in names) + " |")
+    for cls in groups:
+        title = (cls.__doc__ or "").strip().split("\n")[0]
+        lines += ["", f"## {cls.__name__}", "", _cell(title), "", "| flag | type | default | help |", "|---|---|---|---|"]
+        for o in declared(cls):
+            kind = "one of " + ", ".join(f"`{c}`" for c in o.choices) if o.choices else o.kind.__name__
+            flag = ", ".join(f"`--{n}`" for n in (o.flag, *o.aliases))
+            notes = "".join(f" ({note})" for tag, note in (tag_notes or {}).items() if tag in o.tags)
+            lines.append(f"| {flag} | {kind} | {_cell(_shown_default(o))} | {_cell(o.help + notes)} |")
+    return "\n".join(lines) + "\n"
 
 
 # --- Beam's own options -------------------------------------------------------------------------

@@ -6,7 +6,6 @@ few epochs reach a clearly non-trivial F1.
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 from typing import Mapping, Sequence
@@ -14,6 +13,9 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
+from image_factory import encode
+
+from tagbeam.dataset import to_example
 
 # (shape, RGB) per label index; labels beyond this list reuse shapes with other colours.
 _STYLES = [
@@ -48,24 +50,6 @@ def _draw(rng: np.random.Generator, size: int, present: np.ndarray) -> Image.Ima
     return image
 
 
-def _encode(image: Image.Image, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    if image_format == "jpeg":
-        image.save(buffer, format="JPEG", quality=95)
-    else:
-        image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _example(example_id: str, encoded: bytes, multi_hot: np.ndarray) -> bytes:
-    feature = {
-        "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[example_id.encode()])),
-        "image": tf.train.Feature(bytes_list=tf.train.BytesList(value=[encoded])),
-        "labels": tf.train.Feature(int64_list=tf.train.Int64List(value=multi_hot.tolist())),
-    }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
-
-
 def write_dataset(
     root: str,
     n_per_split: Mapping[str, int],
@@ -95,8 +79,10 @@ def write_dataset(
         options = tf.io.TFRecordOptions(compression_type="GZIP")
         writers = [tf.io.TFRecordWriter(os.path.join(root, name), options) for name in files]
         for row in range(count):
-            encoded = _encode(_draw(rng, image_size, present[row]), image_format)
-            writers[row % n_shards].write(_example(f"{split}-{row}", encoded, present[row].astype(np.int64)))
+            image = _draw(rng, image_size, present[row])
+            encoded = encode(image, "JPEG", quality=95) if image_format == "jpeg" else encode(image, "PNG")
+            writers[row % n_shards].write(to_example(f"{split}-{row}", encoded, np.flatnonzero(present[row]).tolist(),
+                                                     num_labels))
         for writer in writers:
             writer.close()
         splits[split] = {
@@ -116,7 +102,7 @@ def write_dataset(
         "image_size": image_size,
         "image_format": image_format,
         "jpeg_quality": 95,
-        "jpeg_subsampling": "4:2:0",  # Pillow's default, what _encode writes
+        "jpeg_subsampling": "4:2:0",  # Pillow's default, what encode writes
         "shard_compression": "gzip",  # the pipeline's option; its default "none" is tested in test_preprocess
         "resize_policy": "squash",
         "splits": splits,

@@ -9,16 +9,18 @@ from pathlib import Path
 
 import pytest
 
+from pipelines import options_reference
 from pipelines.fetch import FetchOptions
+from pipelines.health import HealthOptions
 from pipelines.images import ImageOptions
-from pipelines.options import LabelOptions, ManifestOptions, OutputOptions, PredictOptions, SplitOptions
-from pipelines.retrain import RetrainOptions
+from pipelines.options import LabelOptions, SplitOptions
+from pipelines.reuse import ReuseOptions
 from tagbeam import dataset, flags
 from trainer.config import TaskOptions, TrainOptions
 
 DOCS = (Path(__file__).resolve().parents[1] / "docs" / "dataset.md").read_text()
-GROUPS = (ManifestOptions, LabelOptions, FetchOptions, ImageOptions, SplitOptions, OutputOptions, PredictOptions,
-          RetrainOptions, TaskOptions, TrainOptions)
+# options_reference imports every entry point, so every option group is registered by now.
+GROUPS = flags.registered()
 
 
 def _doc_json_example() -> dict:
@@ -96,6 +98,84 @@ def _non_default(o: flags.Declared):
     return type(base)(base / 2) if o.kind is float else int(base) + 1
 
 
+def test_the_registry_holds_every_group_and_every_group_has_an_entry_point():
+    assert {HealthOptions, ReuseOptions, TrainOptions, TaskOptions} <= set(GROUPS) and len(GROUPS) >= 12
+    taken = {p.group for job in options_reference.ENTRY_POINTS.values() for p in flags.parts(job)}
+    assert taken == set(GROUPS), f"option groups no entry point takes: {set(GROUPS) - taken}"
+
+
+def _wrong_type(o: flags.Declared):
+    return "yes" if o.kind is bool else 3 if o.kind is str else "3"
+
+
+# Values a declared check or a choice list refuses (every check in the code base refuses one of them).
+_OUT_OF_RANGE = (-1, 0, -0.5, 1.5, 10**9, float("nan"), "not-a-choice")
+
+
+def _required(group) -> dict:
+    return {o.name: f"value-of-{o.flag}" for o in flags.declared(group) if o.required}
+
+
+@pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.__name__)
+def test_every_option_group_refuses_invalid_values_built_in_code(group):
+    """The same checks as the flags, for an object built in code (a notebook, retrain, a test)."""
+    for o in flags.declared(group):
+        with pytest.raises(ValueError, match=f"^--{o.flag} expected {o.kind.__name__}"):
+            group(**{**_required(group), o.name: _wrong_type(o)})
+        if not o.optional and not o.required:
+            with pytest.raises(ValueError, match=f"^--{o.flag} must be given a value"):
+                group(**{**_required(group), o.name: None})
+        if o.check or o.choices:
+            refused = []
+            for value in _OUT_OF_RANGE:
+                if o.type_problem(value) is None:
+                    try:
+                        group(**{**_required(group), o.name: value})
+                    except ValueError as err:
+                        assert str(err).startswith(f"--{o.flag} "), err
+                        refused.append(value)
+            assert refused, f"--{o.flag} accepted every one of {_OUT_OF_RANGE}"
+
+
+def test_value_checks_cannot_be_skipped_by_a_group():
+    with pytest.raises(ValueError, match="--learning_rate must be > 0, got -1"):
+        TrainOptions(learning_rate=-1)
+    with pytest.raises(ValueError, match="--min_label_count must be > 0, got 0"):
+        LabelOptions(min_label_count=0)
+    with pytest.raises(ValueError, match="--positive_weights applies to --loss bce only"):
+        TrainOptions(positive_weights=True, loss="soft_f1")  # the group's own validate() runs after the fields'
+    with pytest.raises(TypeError, match="validate"):
+        @flags.group
+        class Skips:
+            size: int = flags.option(1, check=flags.positive, help="h")
+
+            def __post_init__(self) -> None:
+                pass
+
+
+def test_help_says_each_default_once():
+    parser = flags.Parser()
+    flags.add_options(parser, TaskOptions)
+    flags.add_options(parser, TrainOptions)
+    text = " ".join(parser.format_help().split())
+    assert "(default: None)" not in text
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        shown = formatter._get_help_string(action) or ""
+        assert shown.replace("%(default)s", "").count("default") <= 1, shown
+    assert "--version INT export version folder under model_dir/export/ (default: an increasing timestamp)" in text
+    assert "--batch_size INT GLOBAL batch size, split across the replicas (default: 256)" in text
+
+
+def test_docs_options_md_is_generated_from_the_declarations():
+    rendered = options_reference.render()
+    assert options_reference.PATH.read_text() == rendered, (
+        "docs/options.md is stale: run `python -m pipelines.options_reference`")
+    for group in GROUPS:
+        for o in flags.declared(group):
+            assert f"`--{o.flag}`" in rendered
+
+
 @pytest.mark.parametrize("group", GROUPS, ids=lambda g: g.__name__)
 def test_every_option_group_forwards_what_it_parses(group, monkeypatch):
     monkeypatch.delenv("AIP_MODEL_DIR", raising=False)
@@ -147,3 +227,41 @@ def test_beam_options_pass_and_anything_else_is_named():
                                         "--max_num_workers", "3", "--save_main_session"])
     assert beam == ["--runner", "DataflowRunner", "--project=p", "--max_num_workers", "3", "--save_main_session"]
     assert rest == ["--dropout", "0.1"]
+
+
+def test_stored_images_owns_its_checks_json_and_codec():
+    """tagbeam.stored.StoredImages: the one owner of how images are stored (docs/dataset.md)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.images import ImageOptions
+    from tagbeam.stored import StoredImages
+
+    jpeg = ImageOptions(size=16, jpeg_quality=90).stored
+    assert jpeg == StoredImages(16, "jpeg", "squash", 90, "4:2:0") and jpeg.jpeg == (90, "4:2:0")
+    assert StoredImages.from_json(json.loads(json.dumps(jpeg.to_json()))) == jpeg
+    assert _info().stored_images == StoredImages.from_json(_info().to_json())  # dataset.json holds the same fields
+    assert ImageOptions(max_pixels=7).storing(jpeg).stored == jpeg  # predict: an export's format, its own bounds
+    for bad, message in (({"image_size": 0}, "image_size must be an int in"), ({"jpeg_quality": 101}, "jpeg_quality"),
+                         ({"image_format": "webp"}, "image_format 'webp' is not one of"),
+                         ({"jpeg_subsampling": "4:1:1"}, "jpeg_subsampling")):
+        with pytest.raises(ValueError, match=message):
+            StoredImages(**{**jpeg.to_json(), **bad})
+    with pytest.raises(ValueError, match="has no 'resize_policy'"):
+        StoredImages.from_json({"image_size": 16, "image_format": "png"})
+    # What the pipeline writes is what the trainer and the serving signatures decode, pixel for pixel.
+    ramp = np.arange(16, dtype=np.uint8) * 16
+    pixels = np.stack(np.broadcast_arrays(ramp[None, :], ramp[:, None], 255 - ramp[None, :]), axis=-1)
+    for stored in (jpeg, StoredImages(16, "png", "pad", 95, "4:4:4")):
+        data = stored.encode(Image.fromarray(pixels))
+        expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        np.testing.assert_array_equal(stored.decode(data).numpy(), expected)
+        through = stored.through_codec(pixels.astype("float32") / 255.0).numpy()
+        assert through.dtype == np.uint8 and through.shape == (16, 16, 3)
+        if stored.jpeg is None:
+            np.testing.assert_array_equal(through, pixels)
+        else:
+            # Serving's round trip carries the stored JPEG's error, not the source's pixels.
+            assert np.abs(through.astype(int) - expected).mean() < 1 < np.abs(through.astype(int) - pixels).sum()

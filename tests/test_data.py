@@ -72,19 +72,19 @@ def test_png_datasets_decode(tmp_path) -> None:
     info = dataset.read(root)
     images, labels = next(iter(data.image_dataset(info, "train", 5)))
     assert images.shape == (5, 16, 16, 3) and labels.shape == (5, 3)
-    assert info.stored_jpeg is None  # nothing for serving to re-encode
+    assert info.stored_images.jpeg is None  # nothing for serving to re-encode
 
 
 def test_older_datasets_read_as_what_they_hold(tmp_path) -> None:
     root = write_dataset(str(tmp_path / "ds"), {"train": 2}, 16, LABELS, seed=1)
     path = os.path.join(root, "dataset.json")
     meta = json.load(open(path))
-    assert dataset.read(root).stored_jpeg == (95, "4:2:0")
+    assert dataset.read(root).stored_images.jpeg == (95, "4:2:0")
     # Written before the pipeline recorded these: 4:4:4 JPEGs in GZIP shards.
     del meta["jpeg_subsampling"], meta["shard_compression"]
     json.dump(meta, open(path, "w"))
     info = dataset.read(root)
-    assert info.stored_jpeg == (95, "4:4:4") and info.compression_type == "GZIP"
+    assert info.stored_images.jpeg == (95, "4:4:4") and info.compression_type == "GZIP"
     assert len(list(data.image_dataset(info, "train", 2).unbatch())) == 2
     meta["shard_compression"] = "zstd"
     json.dump(meta, open(path, "w"))

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset
-from trainer import task
+from job_runs import train as run_trainer
 
 LABELS = ["circle", "square", "triangle", "cross"]
 
@@ -62,9 +62,8 @@ def test_a_second_run_extracts_only_the_images_it_has_not_seen(tiny_backbone, tm
     store = str(tmp_path / "features")
 
     def train(data_dir: str, name: str, *flags: str) -> dict:
-        args = task.parse_args(["--data_dir", data_dir, "--model_dir", str(tmp_path / name), "--hub_handle",
-                                tiny_backbone, "--epochs", "5", "--batch_size", "32", "--seed", "2", *flags])
-        return task.run(*args).run_info
+        return run_trainer(["--data_dir", data_dir, "--model_dir", str(tmp_path / name), "--hub_handle",
+                            tiny_backbone, "--epochs", "5", "--batch_size", "32", "--seed", "2", *flags]).run_info
 
     first = train(night1, "m1", "--feature_store", store)
     assert first["timings"]["feature_extraction_images"] == 64 + 24 + 24
@@ -92,9 +91,8 @@ def test_a_cut_short_pack_costs_one_recomputation_not_every_night(tiny_backbone,
     store = tmp_path / "features"
 
     def train(name: str) -> dict:
-        args = task.parse_args(["--data_dir", data_dir, "--model_dir", str(tmp_path / name), "--hub_handle",
-                                tiny_backbone, "--epochs", "2", "--batch_size", "16", "--feature_store", str(store)])
-        return task.run(*args).run_info
+        return run_trainer(["--data_dir", data_dir, "--model_dir", str(tmp_path / name), "--hub_handle",
+                            tiny_backbone, "--epochs", "2", "--batch_size", "16", "--feature_store", str(store)]).run_info
 
     assert train("m1")["timings"]["feature_extraction_images"] == 48
     packs = sorted(store.glob("*/pack-*.npz"))  # one per split

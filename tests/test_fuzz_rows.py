@@ -19,6 +19,7 @@ from pipelines.images import ImageOptions
 from pipelines.manifests import Row
 from pipelines.shards import Encoded
 from tagbeam.dataset import REJECTION_STAGES, Rejection
+from image_factory import encode
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 HOSTILE_URIS = [
@@ -39,11 +40,7 @@ URIS = st.one_of(
 
 def _image_bytes() -> list[bytes]:
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 32, 3), np.uint8))
-    out = []
-    for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP"):
-        buffer = io.BytesIO()
-        rgb.save(buffer, fmt)
-        out.append(buffer.getvalue())
+    out = [encode(rgb, fmt) for fmt in ("JPEG", "PNG", "GIF", "BMP", "WEBP")]
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, np.zeros((16, 16, 4), np.uint16))
     return out + [buffer.getvalue()]

@@ -4,10 +4,8 @@ from __future__ import annotations
 import io
 import pickle
 import random
-import struct
 import time
 import tracemalloc
-import zlib
 
 import numpy as np
 import pytest
@@ -17,15 +15,10 @@ from PIL import Image
 
 from sample_data.hostile import zero_tiff
 from pipelines.images import ImageError, ImageOptions, _decode, pad_geometry, process, resize, to_rgb
+from image_factory import encode, png_header
 
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)
 SMALL = ImageOptions(size=32, output_format="png")  # lossless output: exact colours
-
-
-def encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    out = io.BytesIO()
-    img.save(out, fmt, **kwargs)
-    return out.getvalue()
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -151,23 +144,13 @@ def test_exif_orientation_is_applied():
     assert (out[:, :7] == BLACK).all() and (out[:, -7:] == BLACK).all()  # tall now: bars left and right
 
 
-def crafted_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height (1-bit) but whose data is a few bytes."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
-
-
 def test_decompression_bombs_are_refused_from_the_header():
     start = time.monotonic()
-    assert reason_of(crafted_png(30000, 30000)) == "too_many_pixels"  # over Pillow's own hard limit
+    assert reason_of(png_header(30000, 30000)) == "too_many_pixels"  # over Pillow's own hard limit
     # 81 Mpx: under Pillow's limits, over ours. Decoding would have failed as corrupt or truncated,
     # so this reason also shows that the check ran before any pixel was decoded.
-    assert reason_of(crafted_png(9000, 9000)) == "too_many_pixels"
-    assert reason_of(crafted_png(9000, 9000), ImageOptions(max_pixels=10**8, max_decoded_bytes=10**9)) \
+    assert reason_of(png_header(9000, 9000)) == "too_many_pixels"
+    assert reason_of(png_header(9000, 9000), ImageOptions(max_pixels=10**8, max_decoded_bytes=10**9)) \
         in ("truncated", "corrupt")
     assert time.monotonic() - start < 0.5
     assert reason_of(encode(Image.new("RGB", (200, 100)), "JPEG"), ImageOptions(max_pixels=19_999)) == "too_many_pixels"

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import manifests
-from pipelines.manifests import ManifestSpec, Row
-from pipelines.options import ManifestOptions
+from pipelines.manifests import ManifestOptions, ManifestSpec, Row
 from tagbeam.dataset import Rejection
+from tagbeam import flags
 from tagbeam.flags import UsageError
 
 AMAZON = "https://images-na.ssl-images-amazon.com/images/M/"
@@ -277,3 +277,17 @@ def test_a_quote_that_never_closes_costs_its_line_only(tmp_path):
     assert [r.row for r in results] == [1, 2, 3, 4]
     assert results[1].reason == "malformed_row" and "field larger than field limit" in results[1].detail
     assert [r.id for r in results if isinstance(r, Row)] == ["k1", "k3", "k4"]
+
+
+def test_formats_are_one_table_that_the_flag_and_detection_read(tmp_path):
+    """A format is one ManifestFormat subclass in FORMATS: --format's choices, auto-detection's order
+    (generic last: it recognises any file) and the parse of a record all come from that table."""
+    (fmt,) = [o for o in flags.declared(ManifestOptions) if o.name == "format"]
+    assert fmt.choices == ("auto", *manifests.FORMATS) == ("auto", *manifests.MANIFEST_FORMATS)
+    assert list(manifests.FORMATS)[-1] == "generic" and manifests.FORMATS["voc"].folder
+    planet = write(tmp_path / "train_v2.csv", "image_name,tags\ntrain_1,clear primary\n")
+    assert [f.name for f in manifests.FORMATS.values() if not f.folder and f.detect(planet)] == ["planet", "generic"]
+    spec = ManifestSpec("planet", (planet,), "uri", "labels", None, "|", "gs://b/chips", "tif", None)
+    assert manifests.FORMATS["planet"].parse_record(spec, planet, str(tmp_path), 1,
+                                                    {"image_name": "train_1", "tags": "clear primary"}) == Row(
+        planet, 1, "train_1", "gs://b/chips/train_1.tif", "gs://b/chips", ("clear", "primary"))

@@ -13,8 +13,6 @@ import glob
 import io
 import json
 import os
-import struct
-import zlib
 
 import numpy as np
 import pytest
@@ -27,14 +25,9 @@ from backbone_factory import write_backbone
 from pipelines import images, predict, preprocess
 from tagbeam import dataset, export
 from trainer import task
+from image_factory import encode, png_header
 
 SIZE = 32
-
-
-def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
-    out = io.BytesIO()
-    img.save(out, fmt, **kwargs)
-    return out.getvalue()
 
 
 def _chip(seed: int, side: int = 48) -> bytes:
@@ -47,13 +40,6 @@ def _chip(seed: int, side: int = 48) -> bytes:
     return out.getvalue()
 
 
-def _png_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
-
-
 def _fixtures() -> dict[str, bytes]:
     astronaut = Image.fromarray(skimage.data.astronaut()).resize((160, 160))
     coffee = Image.fromarray(skimage.data.coffee()).resize((180, 120))
@@ -63,26 +49,26 @@ def _fixtures() -> dict[str, bytes]:
     rgba = astronaut.convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(astronaut.size))
     grey16 = Image.fromarray((np.asarray(coffee.convert("L"), np.uint16) * 200).astype(np.uint16))
-    jpeg = _encode(astronaut, "JPEG", quality=90)
+    jpeg = encode(astronaut, "JPEG", quality=90)
     return {
         "jpeg.jpg": jpeg,
-        "cmyk.jpg": _encode(coffee.convert("CMYK"), "JPEG", quality=90),
-        "exif.jpg": _encode(chelsea, "JPEG", quality=90, exif=exif),
-        "progressive.jpg": _encode(coffee, "JPEG", quality=85, progressive=True),
-        "rgb.png": _encode(chelsea, "PNG"),
-        "grey16.png": _encode(grey16, "PNG"),
-        "palette.png": _encode(astronaut.quantize(64), "PNG"),
-        "alpha.png": _encode(rgba, "PNG"),
-        "animated.gif": _encode(coffee.quantize(64), "GIF", save_all=True,
+        "cmyk.jpg": encode(coffee.convert("CMYK"), "JPEG", quality=90),
+        "exif.jpg": encode(chelsea, "JPEG", quality=90, exif=exif),
+        "progressive.jpg": encode(coffee, "JPEG", quality=85, progressive=True),
+        "rgb.png": encode(chelsea, "PNG"),
+        "grey16.png": encode(grey16, "PNG"),
+        "palette.png": encode(astronaut.quantize(64), "PNG"),
+        "alpha.png": encode(rgba, "PNG"),
+        "animated.gif": encode(coffee.quantize(64), "GIF", save_all=True,
                                 append_images=[chelsea.resize(coffee.size).quantize(64)], duration=50),
-        "lossy.webp": _encode(astronaut, "WEBP", quality=80),
-        "plain.bmp": _encode(chelsea, "BMP"),
-        "rgb.tif": _encode(coffee, "TIFF"),
+        "lossy.webp": encode(astronaut, "WEBP", quality=80),
+        "plain.bmp": encode(chelsea, "BMP"),
+        "rgb.tif": encode(coffee, "TIFF"),
         "planet.tif": _chip(1),
         # Rows preprocessing rejects: predict must reject them the same way.
         "truncated.jpg": jpeg[: len(jpeg) // 3],
         "page.jpg": b"<html><body>Not found</body></html>",
-        "bomb.png": _png_bomb(),
+        "bomb.png": png_header(20000, 20000),
     }
 
 
@@ -202,11 +188,12 @@ def test_planet_tiff_chips_end_to_end(tmp_path):
 
 
 def test_online_serving_names_a_format_it_does_not_decode(tmp_path):
+    from tagbeam.stored import StoredImages
     from trainer.serving import preprocess_image_bytes
 
-    serve = tf.function(lambda batch: preprocess_image_bytes(batch, SIZE, "squash"))
+    serve = tf.function(lambda batch: preprocess_image_bytes(batch, StoredImages(SIZE, "png", "squash", 95, "4:2:0")))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[TIFF\].*decodes JPEG, PNG, GIF, BMP, WebP only"):
         serve(tf.constant([_chip(7)]))
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[an unknown format\]"):
         serve(tf.constant([b"<html>not an image</html>"]))
-    assert serve(tf.constant([_encode(Image.new("RGB", (40, 30)), "WEBP")])).shape == (1, SIZE, SIZE, 3)
+    assert serve(tf.constant([encode(Image.new("RGB", (40, 30)), "WEBP")])).shape == (1, SIZE, SIZE, 3)

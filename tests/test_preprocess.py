@@ -2,7 +2,6 @@
 emulator. Each pipeline run is a module-scoped fixture shared by several tests."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -10,16 +9,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import tensorflow as tf
 from fault_server import FaultServer, Response, redirect
-from PIL import Image
 
 from dataset_factory import label_names, read_examples
 from pipelines import preprocess, shards
 from sample_data.hostile import png_header
 from pipelines.splits import split_of
+from image_factory import noise_image
+from job_runs import preprocess as run
 
 IMAGE_SIZE = 32
 # Small time-outs and one retry keep the fault run fast; 0.004 MiB shards force several shards.
@@ -29,22 +28,11 @@ TARGET_SHARD_MB = 0.004
 
 
 def jpeg(seed: int, size: tuple[int, int] = (48, 36)) -> bytes:
-    pixels = (np.random.default_rng(seed).random((size[1], size[0], 3)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=90)
-    return out.getvalue()
+    return noise_image(seed, size, "JPEG", quality=90)
 
 
 def png_rgba(seed: int) -> bytes:
-    pixels = (np.random.default_rng(seed).random((30, 50, 4)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels, "RGBA").save(out, "PNG")
-    return out.getvalue()
-
-
-def run(argv: list[str]) -> dict:
-    args, pipeline_args = preprocess.parse_args(argv)
-    return preprocess.run(args, pipeline_args)
+    return noise_image(seed, (50, 30), "PNG", mode="RGBA")
 
 
 def read_rejected(folder: str, info: dict) -> dict[str, dict]:
@@ -403,14 +391,16 @@ def test_command_line_help_and_exit_code():
 
 def test_lost_rows_fail_the_commit_with_the_numbers():
     from pipelines import dataset_info
+    from tagbeam.stored import StoredImages
 
     shard = {"split": "train", "index": 0, "num_shards": 1, "file": "train-00000-of-00001.tfrecord",
              "examples": 7, "bytes": 100, "label_counts": [7]}
-    options = {"image_size": 32, "image_format": "jpeg", "jpeg_quality": 95, "jpeg_subsampling": "4:2:0",
-               "resize_policy": "squash", "shard_compression": "none", "unlabeled": "reject"}
+    options = {"image_size": 32}  # the flags' record only: what is stored comes from the layout
+    layout = dataset_info.Layout(StoredImages(32, "jpeg", "squash", 95, "4:2:0"), "none", "reject")
     info = dataset_info.build_info(labels=["a"], input_rows=9, rejected_by_reason={"fetch:http_404": 2},
-                                   shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], options=options)
+                                   shards=[shard], rejected_files=["/x/rejected-00000-of-00001.jsonl"], layout=layout,
+                                   options=options)
     assert info.splits["train"].examples == 7 and info.splits["val"].shards == 0
     with pytest.raises(dataset_info.InvariantError, match=r"input_rows 10 != examples 7 \+ rejected 2"):
         dataset_info.build_info(labels=["a"], input_rows=10, rejected_by_reason={"fetch:http_404": 2},
-                                shards=[shard], rejected_files=[], options=options)
+                                shards=[shard], rejected_files=[], layout=layout, options=options)

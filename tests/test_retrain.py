@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from fault_server import FaultServer, Response
 
 import sample_data
 from pipelines import retrain
+from image_factory import noise_image
+from job_runs import python_m as _python_m
 
 # Small but real: 10 Fashion-MNIST labels, 96 px images, a few epochs on cached features.
 PREPROCESS_FLAGS = ["--image_size", "96", "--val_fraction", "0.2", "--test_fraction", "0.25"]
@@ -27,6 +30,26 @@ def manifest(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("samples")
     sample_data.build(root, posters=320, heldout_posters=0, chips=False)
     return str(root / "posters" / "MovieGenre.csv")
+
+
+@pytest.fixture(scope="module")
+def prepared(manifest, tmp_path_factory) -> Path:
+    """A workspace whose run "base" has done its preprocess step on the sample posters: the tests that
+    only need a dataset to train on start from a copy of it (`_copy`) instead of preprocessing again."""
+    workspace = tmp_path_factory.mktemp("prepared") / "ws"
+    done = _python_m("pipelines.retrain", "--workspace", str(workspace), "--run_id", "base", "--step", "preprocess",
+                     "--input", manifest, *PREPROCESS_FLAGS)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workspace
+
+
+def _copy(prepared: Path, tmp_path: Path, run_id: str) -> Path:
+    """A workspace of this test's own, holding the prepared run as `run_id` (a later step's own flags,
+    --workspace and --run_id included, override those the preprocess step recorded)."""
+    workspace = tmp_path / "ws"
+    shutil.copytree(prepared, workspace)
+    (workspace / "runs" / "base").rename(workspace / "runs" / run_id)
+    return workspace
 
 
 def _retrain(workspace: Path, manifest: str, *flags: str) -> subprocess.Popen:
@@ -358,19 +381,14 @@ def test_a_night_costs_its_new_data_and_a_night_of_failing_fetches_stops_before_
 
 def _gs_images(gcs_bucket: str, count: int) -> tuple[object, list[str]]:
     """(the bucket, manifest rows) for `count` small random JPEGs under images/ on the emulator."""
-    import io
 
-    import numpy as np
     from google.auth.credentials import AnonymousCredentials
     from google.cloud import storage
-    from PIL import Image
 
     bucket = storage.Client(project="test-project", credentials=AnonymousCredentials()).bucket(gcs_bucket)
     rows = []
     for i in range(count):
-        out = io.BytesIO()
-        Image.fromarray((np.random.default_rng(i).random((40, 40, 3)) * 255).astype(np.uint8)).save(out, "JPEG")
-        bucket.blob(f"images/{i}.jpg").upload_from_string(out.getvalue())
+        bucket.blob(f"images/{i}.jpg").upload_from_string(noise_image(i, (40, 40)))
         rows.append(f"k{i},images/{i}.jpg,{'cat' if i % 2 else 'dog'}\n")
     return bucket, rows
 
@@ -446,22 +464,18 @@ def test_failed_step_exits_nonzero_and_is_recorded(tmp_path):
 PATHS = ("data_dir", "model_dir", "feature_store")  # where, not how: retrain's own folders
 
 
-def _python_m(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=900, env=env)
-
-
 def _flags(model_dir: Path) -> dict:
     return {k: v for k, v in json.loads((model_dir / "run.json").read_text())["flags"].items() if k not in PATHS}
 
 
-def test_a_scheduled_challenger_trains_exactly_as_the_trainer_does_by_default(manifest, tmp_path):
+def test_a_scheduled_challenger_trains_exactly_as_the_trainer_does_by_default(prepared, tmp_path):
     # No training flag: the challenger must get trainer.task's own defaults (once it got 30 epochs
-    # from retrain's copy of --epochs while the trainer's default was 300).
-    workspace = tmp_path / "ws"
-    done = _python_m("pipelines.retrain", "--workspace", str(workspace), "--input", manifest, *PREPROCESS_FLAGS)
+    # from retrain's copy of --epochs while the trainer's default was 300). Every step in one run is
+    # test_promote_refuse_and_survive_a_kill's; here the train step, on the prepared dataset.
+    run_id = "base"
+    workspace = _copy(prepared, tmp_path, run_id)
+    done = _python_m("pipelines.retrain", "--workspace", str(workspace), "--run_id", run_id, "--step", "train")
     assert done.returncode == 0, done.stderr[-3000:]
-    (run_id,) = [p.name for p in (workspace / "runs").iterdir()]
     direct = _python_m("trainer.task", "--data_dir", str(workspace / "runs" / run_id / "dataset"),
                        "--model_dir", str(tmp_path / "direct"))
     assert direct.returncode == 0, direct.stderr[-3000:]
@@ -472,13 +486,14 @@ def test_a_scheduled_challenger_trains_exactly_as_the_trainer_does_by_default(ma
     assert scheduled["epochs"] is None and scheduled["early_stopping_patience"] is None  # the path's defaults
 
 
-def test_every_training_option_reaches_the_challenger_through_retrain(manifest, tmp_path):
+def test_every_training_option_reaches_the_challenger_through_retrain(manifest, prepared, tmp_path):
     from tagbeam.flags import declared
     from trainer.config import TrainOptions
 
     # Two runs, because --positive_weights and --loss soft_f1 exclude each other. Run "a" gives its
     # flags to the preprocess step only: the train step must run with what that step recorded (as
-    # under Vertex AI Pipelines). Run "b" gives them to the train step itself.
+    # under Vertex AI Pipelines). Run "b" gives them to the train step itself, so its preprocess
+    # step is the prepared one (recorded without training flags).
     runs = {
         "a": {"backbone": "mobilenet_v2", "epochs": 1, "batch_size": 16,
               "learning_rate": 0.002, "hidden_units": 8, "dropout": 0.1, "positive_weights": True, "beta": 2.0,
@@ -489,16 +504,16 @@ def test_every_training_option_reaches_the_challenger_through_retrain(manifest, 
     }
     options = {o.flag: o for o in declared(TrainOptions)}
     assert set(runs["a"]) | set(runs["b"]) == set(options), "a new training option must be added to this test"
-    workspace = tmp_path / "ws"
+    workspace = _copy(prepared, tmp_path, "b")
     for run_id, values in runs.items():
         argv = []
         for flag, value in values.items():
             assert value != options[flag].default, flag
             argv += [f"--{flag}"] if value is True else [f"--{flag}", str(value)]
         common = ["pipelines.retrain", "--workspace", str(workspace), "--run_id", run_id]
-        first = [*common, "--step", "preprocess", "--input", manifest, *PREPROCESS_FLAGS]
-        done = _python_m(*first, *argv) if run_id == "a" else _python_m(*first)
-        assert done.returncode == 0, done.stderr[-3000:]
+        if run_id == "a":
+            done = _python_m(*common, "--step", "preprocess", "--input", manifest, *PREPROCESS_FLAGS, *argv)
+            assert done.returncode == 0, done.stderr[-3000:]
         done = _python_m(*common, "--step", "train") if run_id == "a" else _python_m(*common, "--step", "train", *argv)
         assert done.returncode == 0, done.stderr[-3000:]
         recorded = json.loads((workspace / "runs" / run_id / "model" / "run.json").read_text())["flags"]

@@ -2,19 +2,17 @@
 what is fetched, what is reused, and that the result is the bytes a full rebuild writes."""
 from __future__ import annotations
 
-import io
 import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 from dataset_factory import label_names, read_examples
 from fault_server import FaultServer, Response
-from PIL import Image
 
-from pipelines import preprocess
 from tagbeam.dataset import Source
+from image_factory import noise_image
+from job_runs import preprocess as run
 
 # Above the shard plan's 32-row size sample, so rows take both paths: the plan's and EncodeRows'.
 ROWS = 60
@@ -23,15 +21,7 @@ COMMON = ["--allow_loopback", "--fetch_timeout_s", "2", "--fetch_retries", "0", 
 
 
 def jpeg(seed: int) -> bytes:
-    pixels = (np.random.default_rng(seed).random((30 + seed % 7, 40, 3)) * 255).astype(np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, "JPEG", quality=90)
-    return out.getvalue()
-
-
-def run(argv: list[str]) -> dict:
-    args, pipeline_args = preprocess.parse_args(argv)
-    return preprocess.run(args, pipeline_args)
+    return noise_image(seed, (40, 30 + seed % 7), "JPEG", quality=90)
 
 
 def manifest(path: Path, rows: dict[str, tuple[str, str]]) -> str:

@@ -23,16 +23,16 @@ from PIL import Image, ImageOps
 from trainer.model import NonEmptyBatch
 from tagbeam.dataset import StoredImages
 from trainer.serving import export_model, preprocess_image_bytes
+from image_factory import encode
 
 LABELS = ["cat", "coffee", "outdoor", "person"]
 SIZE = 64  # small: the tiny backbone accepts any size, and serving cost is not under test here
 CROP_PNG = StoredImages(SIZE, "png", "crop", 95, "4:2:0")  # what the exports here say about their dataset
 
 
-def _encode(array: np.ndarray, fmt: str, **options) -> bytes:
-    out = io.BytesIO()
-    Image.fromarray(array).save(out, fmt, **options)
-    return out.getvalue()
+def _png(size: int, policy: str) -> StoredImages:
+    """Stored as PNG: serving's pixels without a JPEG round trip."""
+    return StoredImages(size, "png", policy, 95, "4:2:0")
 
 
 def build_model(backbone: str, num_labels: int, image_size: int) -> tf_keras.Model:
@@ -54,11 +54,11 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("serving")
     model = build_model(write_backbone(str(root / "backbone")), len(LABELS), SIZE)
     images = {
-        "chelsea.jpg": _encode(skimage.data.chelsea(), "JPEG", quality=90),
-        "coffee.png": _encode(skimage.data.coffee(), "PNG"),
+        "chelsea.jpg": encode(skimage.data.chelsea(), "JPEG", quality=90),
+        "coffee.png": encode(skimage.data.coffee(), "PNG"),
     }
     batch = tf.constant(list(images.values()))
-    probs = tf.sigmoid(model(preprocess_image_bytes(batch, SIZE, "crop"))).numpy()
+    probs = tf.sigmoid(model(preprocess_image_bytes(batch, CROP_PNG))).numpy()
     # Halfway between the two images' probabilities: each label is predicted for exactly one image.
     assert np.all(np.abs(probs[0] - probs[1]) > 1e-3), probs
     thresholds = ((probs[0] + probs[1]) / 2).astype(np.float32)
@@ -170,12 +170,12 @@ def test_an_embedded_backbone_serves_jpeg_bytes_without_the_project(name, tmp_pa
     from trainer import embedded_backbone
 
     photos = {"chelsea": skimage.data.chelsea(), "coffee": skimage.data.coffee()}
-    jpegs = [_encode(np.ascontiguousarray(photo[::k, ::k]), "JPEG", quality=90)
+    jpegs = [encode(np.ascontiguousarray(photo[::k, ::k]), "JPEG", quality=90)
              for photo in photos.values() for k in (1, 2, 3)]
     labels = list(photos)
     model = build_model(embedded_backbone.build(name=name), len(labels), SIZE)
     model.compile(tf_keras.optimizers.Adam(0.05), tf_keras.losses.BinaryCrossentropy(from_logits=True))
-    pixels = preprocess_image_bytes(tf.constant(jpegs), SIZE, "crop")
+    pixels = preprocess_image_bytes(tf.constant(jpegs), CROP_PNG)
     truth = np.repeat(np.eye(2, dtype=np.float32), 3, axis=0)  # 3 sizes of each photo
     model.fit(pixels, truth, epochs=20, batch_size=6, verbose=0)
     probs = tf.sigmoid(model(pixels)).numpy()
@@ -204,18 +204,18 @@ def test_versions_increase_and_are_never_overwritten(exported, tmp_path):
 def test_preprocess_batches_mixed_formats_and_rejects_bad_input():
     photo = skimage.data.astronaut()[::4, ::4]
     grey_alpha = np.dstack([photo[..., 0], np.full(photo.shape[:2], 128, np.uint8)])
-    batch = [_encode(photo, "JPEG"), _encode(photo, "PNG"), _encode(photo, "GIF"), _encode(photo, "BMP"),
-             _encode(grey_alpha, "PNG")]
-    out = preprocess_image_bytes(tf.constant(batch), 32, "pad")
+    batch = [encode(photo, "JPEG"), encode(photo, "PNG"), encode(photo, "GIF"), encode(photo, "BMP"),
+             encode(grey_alpha, "PNG")]
+    out = preprocess_image_bytes(tf.constant(batch), _png(32, "pad"))
     assert out.shape == (5, 32, 32, 3) and out.dtype == tf.uint8  # the 8-bit pixels a dataset stores
     assert int(tf.reduce_max(out[:4])) > 200
     # Half-transparent grey on white: every pixel at least halfway to white.
     assert int(tf.reduce_min(out[4])) >= 125
-    assert preprocess_image_bytes(tf.constant([], tf.string), 32, "squash").shape == (0, 32, 32, 3)
-    with pytest.raises(ValueError, match="Unknown resize policy 'stretch'"):
-        preprocess_image_bytes(tf.constant(batch[:1]), 32, "stretch")
+    assert preprocess_image_bytes(tf.constant([], tf.string), _png(32, "squash")).shape == (0, 32, 32, 3)
+    with pytest.raises(ValueError, match="resize_policy 'stretch' is not one of"):
+        preprocess_image_bytes(tf.constant(batch[:1]), _png(32, "stretch"))
     with pytest.raises(tf.errors.InvalidArgumentError):
-        preprocess_image_bytes(tf.constant([b"not an image"]), 32, "squash")
+        preprocess_image_bytes(tf.constant([b"not an image"]), _png(32, "squash"))
 
 
 def _with_exif_orientation(jpeg: bytes, orientation: int, big_endian: bool) -> bytes:
@@ -233,10 +233,10 @@ def _with_exif_orientation(jpeg: bytes, orientation: int, big_endian: bool) -> b
 
 def test_exif_orientation_is_applied_like_pillow():
     photo = skimage.data.chelsea()[::2, ::3]  # 150 x 151: not square, so a wrong rotation shows
-    plain = _encode(photo, "JPEG", quality=92)
+    plain = encode(photo, "JPEG", quality=92)
     cases = [(o, big) for o in range(1, 9) for big in (False, True)]
     batch = [_with_exif_orientation(plain, o, big) for o, big in cases]
-    got = preprocess_image_bytes(tf.constant(batch), 48, "squash").numpy()
+    got = preprocess_image_bytes(tf.constant(batch), _png(48, "squash")).numpy()
     for (orientation, big_endian), data, image in zip(cases, batch, got):
         upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
         expected = np.round(tf.image.resize(upright / 255.0, [48, 48], antialias=True).numpy() * 255)

@@ -10,7 +10,7 @@ import tensorflow as tf
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import dataset_info, shards
-from pipelines.examples import to_example
+from tagbeam.dataset import to_example
 from pipelines.manifests import Row
 from pipelines.splits import split_of
 from pipelines.vocabulary import StatsFn

@@ -74,7 +74,8 @@ def _stored(data: bytes, policy: str, output_format: str, subsampling: str = "4:
 def served_pixels() -> dict[tuple[str, int | None, str], np.ndarray]:
     """Serving's preprocessing of every raw image, [N, S, S, 3] per (policy, jpeg_quality, subsampling)."""
     batch = tf.constant(list(RAW.values()))
-    return {(policy, quality, sub): preprocess_image_bytes(batch, SIZE, policy, quality, sub).numpy()
+    return {(policy, quality, sub): preprocess_image_bytes(batch, StoredImages(SIZE, "png" if quality is None else "jpeg", policy,
+                                                                             quality or 95, sub)).numpy()
             for policy in POLICIES for quality in (None, 95) for sub in ("4:2:0", "4:4:4")}
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset
+from job_runs import train as run_trainer
 from tagbeam.export import read_backbone
 from trainer import data, model as model_lib, task
 from trainer.evaluation import evaluate
@@ -106,7 +107,7 @@ def test_end_to_end_on_two_replicas_with_the_embedded_backbone(tmp_path) -> None
     for i, encoded in enumerate(payload):
         (images_dir / f"{i:02d}.jpg").write_bytes(encoded)
     # The export re-encodes at the dataset's JPEG quality (as the stored training images were).
-    pixels = preprocess_image_bytes(tf.constant(payload), 64, "squash", *info.stored_jpeg)
+    pixels = preprocess_image_bytes(tf.constant(payload), info.stored_images)
     in_memory = tf.sigmoid(outcome.result.model(pixels)).numpy()
     out = tmp_path / "served.npy"
     subprocess.run(
@@ -249,9 +250,9 @@ def test_empty_val_and_test_splits_degrade_with_warnings_under_vertex_variables(
     monkeypatch.setenv("AIP_CHECKPOINT_DIR", str(tmp_path / "vertex_checkpoints"))
     monkeypatch.setenv("AIP_TENSORBOARD_LOG_DIR", str(tmp_path / "vertex_logs"))
     with caplog.at_level(logging.WARNING, logger="trainer"):
-        outcome = task.run(*task.parse_args([
+        outcome = run_trainer([
             "--data_dir", root, "--hub_handle", tiny_backbone, "--epochs", "2", "--batch_size", "16", "--seed", "0",
-        ]))
+        ])
     assert outcome.run_info["thresholds_tuned_on"] == "train" and outcome.metrics is None
     assert "thresholds are tuned on the TRAIN split" in caplog.text and "skipping test evaluation" in caplog.text
     assert not os.path.exists(os.path.join(model_dir, "metrics.json"))
@@ -284,11 +285,11 @@ def test_mixed_precision_fine_tunes_on_cpu_and_exports_float32(precision, tiny_b
     try:
         # A hidden layer (16-bit under the policy) and fine-tuning: the warm start on cached features,
         # then backbone + head with both optimizers, loss-scaled under mixed_float16.
-        outcome = task.run(*task.parse_args([
+        outcome = run_trainer([
             "--data_dir", small_dataset, "--model_dir", model_dir, "--hub_handle", tiny_backbone, "--seed", "3",
             "--precision", precision, "--hidden_units", "8", "--fine_tune_layers", "2", "--epochs", "2",
             "--warm_start_epochs", "3", "--batch_size", "16", "--learning_rate", "0.01",
-        ]))
+        ])
         model = outcome.result.model
         assert tf_keras.mixed_precision.global_policy().name == precision
         hidden = model.get_layer("head").get_layer("hidden")

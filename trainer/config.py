@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tagbeam.flags import at_least, in_range, option, positive
+from tagbeam.flags import at_least, group, in_range, option, positive
 from trainer.embedded_backbone import BACKBONES, DEFAULT as DEFAULT_BACKBONE
 
 CACHED = "cached_features"
@@ -34,7 +34,7 @@ DEFAULT_EPOCHS = {CACHED: 300, THROUGH_BACKBONE: 30}
 DEFAULT_PATIENCE = {CACHED: 20, THROUGH_BACKBONE: 5}
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class TaskOptions:
     """Where the run reads and writes."""
 
@@ -48,7 +48,7 @@ class TaskOptions:
                                  help="export version folder under model_dir/export/ (default: an increasing timestamp)")
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@group
 class TrainOptions:
     """Training: the backbone, the head, the fit and the thresholds."""
 
@@ -128,7 +128,7 @@ class TrainOptions:
                                                   "size: only images not seen before go through the backbone "
                                                   "(pipelines.retrain uses <workspace>/features)")
 
-    def __post_init__(self) -> None:
+    def validate(self) -> None:
         if self.positive_weights and self.loss != "bce":
             raise ValueError("--positive_weights applies to --loss bce only (soft_f1 already weighs labels equally)")
 
@@ -166,3 +166,11 @@ class TrainOptions:
     @property
     def patience(self) -> int:
         return self.early_stopping_patience or DEFAULT_PATIENCE[self.path]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerJob:
+    """The option groups of `python -m trainer.task`."""
+
+    task: TaskOptions
+    train: TrainOptions

@@ -11,7 +11,7 @@ import logging
 import numpy as np
 import tensorflow as tf
 
-from tagbeam.dataset import FEATURE_ID, FEATURE_IMAGE, FEATURE_LABELS, DatasetError, DatasetInfo, StoredImages
+from tagbeam.dataset import FEATURE_ID, FEATURE_IMAGE, FEATURE_LABELS, DatasetError, DatasetInfo
 from trainer.config import AUGMENTATIONS
 
 log = logging.getLogger(__name__)
@@ -41,17 +41,6 @@ def _records(paths: tuple[str, ...], compression_type: str, training: bool, seed
     )
 
 
-def decode_stored(data: tf.Tensor, stored: StoredImages) -> tf.Tensor:
-    """One stored image (an Example's `image`) -> uint8 [S, S, 3]: how training reads it, and how the
-    export's stored-images signature reads what pipelines.predict makes with the pipeline's code."""
-    if stored.image_format == "jpeg":
-        # Pillow's (and serving's) decoder: TF's default fast DCT is off by ~1.3 levels on average.
-        image = tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE")
-    else:
-        image = tf.io.decode_png(data, channels=3)
-    return tf.ensure_shape(image, [stored.image_size, stored.image_size, 3])
-
-
 def _parser(info: DatasetInfo):
     spec = {
         FEATURE_ID: tf.io.FixedLenFeature([], tf.string),
@@ -62,7 +51,7 @@ def _parser(info: DatasetInfo):
 
     def parse(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         example = tf.io.parse_single_example(serialized, spec)
-        return decode_stored(example[FEATURE_IMAGE], stored), tf.cast(example[FEATURE_LABELS], tf.float32)
+        return stored.decode(example[FEATURE_IMAGE]), tf.cast(example[FEATURE_LABELS], tf.float32)
 
     return parse
 

@@ -212,7 +212,7 @@ def save_evaluation(model_dir: str, info: Any, probs: np.ndarray, truth: np.ndar
         ids.append(example[FEATURE_ID].numpy().decode("utf-8", "replace"))
         stored_truth.append(example[FEATURE_LABELS].numpy())
         if row in wanted:
-            images[row] = data.decode_stored(example[FEATURE_IMAGE], info.stored_images).numpy()
+            images[row] = info.stored_images.decode(example[FEATURE_IMAGE]).numpy()
     if len(ids) != len(probs) or not np.array_equal(np.asarray(stored_truth) > 0, np.asarray(truth) > 0):
         raise ValueError(f"the test split read back ({len(ids)} examples) does not match the {len(probs)} evaluated ones")
     scored = Scored(np.asarray(ids), np.asarray(truth) > 0, probs)

@@ -23,8 +23,7 @@ import tensorflow as tf
 import tf_keras
 
 from tagbeam import export as model_files
-from tagbeam.dataset import DRAFT_MARGIN, JPEG_SUBSAMPLINGS, RESIZE_POLICIES, StoredImages, labels_text
-from trainer.data import decode_stored
+from tagbeam.dataset import DRAFT_MARGIN, StoredImages, labels_text
 
 # The pipeline lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale ("draft") as long as both
 # sides keep at least DRAFT_MARGIN times the target size; serving must decode at the same scale.
@@ -203,29 +202,6 @@ def _preprocess_one(data: tf.Tensor, size: int, resize_policy: str) -> tf.Tensor
     return tf.image.pad_to_bounding_box(resized, (size - new_h) // 2, (size - new_w) // 2, size, size)
 
 
-def _check_options(image_size: int, resize_policy: str, jpeg_quality: int | None, jpeg_subsampling: str) -> None:
-    if resize_policy not in RESIZE_POLICIES:
-        raise ValueError(f"Unknown resize policy {resize_policy!r}: choose one of {', '.join(RESIZE_POLICIES)}.")
-    if image_size < 1:
-        raise ValueError(f"image_size must be >= 1, got {image_size}.")
-    if jpeg_quality is not None and not 1 <= jpeg_quality <= 100:
-        raise ValueError(f"jpeg_quality must be in 1..100 or None, got {jpeg_quality}.")
-    if jpeg_subsampling not in JPEG_SUBSAMPLINGS:
-        raise ValueError(f"jpeg_subsampling must be one of {', '.join(JPEG_SUBSAMPLINGS)}, got {jpeg_subsampling!r}.")
-
-
-def _as_stored(image: tf.Tensor, jpeg_quality: int | None, jpeg_subsampling: str) -> tf.Tensor:
-    """The pixels a dataset file holds: 8-bit, and through the JPEG codec when stored as JPEG
-    (same quality and chroma subsampling as pipelines/images.py). A 95-quality round trip moves pixels by 0.8-1.7 levels on
-    average; on real photos that shifted an ImageNet MobileNetV2's class probabilities by up to
-    0.13 when serving skipped it, and 0.03 when serving reproduces it."""
-    pixels = tf.cast(tf.round(image * 255.0), tf.uint8)
-    if jpeg_quality is None:
-        return pixels
-    encoded = tf.io.encode_jpeg(pixels, quality=jpeg_quality, chroma_downsampling=jpeg_subsampling == "4:2:0")
-    return tf.io.decode_jpeg(encoded, channels=3, dct_method="INTEGER_ACCURATE")
-
-
 # (name, offset, magic) of formats a client may send; the signature decodes SERVING_FORMATS only.
 _MAGIC = (("PNG", 0, b"\x89PNG\r\n\x1a\n"), ("GIF", 0, b"GIF8"), ("BMP", 0, b"BM"), ("WebP", 8, b"WEBP"),
           ("TIFF", 0, b"II*\x00"), ("TIFF", 0, b"MM\x00*"), ("HEIF/AVIF", 4, b"ftyp"), ("PDF", 0, b"%PDF"))
@@ -244,23 +220,20 @@ def _check_format(data: tf.Tensor) -> tf.Operation:
         "only: convert the image, or use `python -m pipelines.predict`, which reads every format the pipeline does"])
 
 
-def preprocess_image_bytes(image_bytes: tf.Tensor, image_size: int, resize_policy: str,
-                           jpeg_quality: int | None = None, jpeg_subsampling: str = "4:2:0") -> tf.Tensor:
+def preprocess_image_bytes(image_bytes: tf.Tensor, stored: StoredImages) -> tf.Tensor:
     """Encoded JPEG/PNG/GIF/BMP/WebP strings [B] -> uint8 [B, S, S, 3], the pixels the pipeline
-    stores for the same bytes (pipelines/images.py, docs/dataset.md) and trainer.data reads back.
-
-    ``jpeg_quality``: the dataset's ``jpeg_quality`` when its ``image_format`` is ``jpeg`` (the
-    training images then carry that JPEG's compression error, and so will these); None for PNG.
-    ``jpeg_subsampling``: the dataset's chroma subsampling (``DatasetInfo.stored_jpeg``).
+    stores for the same bytes (pipelines/images.py, docs/dataset.md) and trainer.data reads back:
+    resized as ``stored`` says, and through its codec (`StoredImages.through_codec`), so that the
+    images carry the compression error the training images carry.
     Per-image work runs in tf.map_fn because images differ in size. A batch with an undecodable
     image fails as a whole (TF Serving answers 400 with the decode error).
     """
-    _check_options(image_size, resize_policy, jpeg_quality, jpeg_subsampling)
+    image_size = stored.image_size
 
     def one(data: tf.Tensor) -> tf.Tensor:
         with tf.control_dependencies([_check_format(data)]):
-            resized = tf.clip_by_value(_preprocess_one(data, image_size, resize_policy), 0.0, 1.0)
-        return _as_stored(resized, jpeg_quality, jpeg_subsampling)
+            resized = tf.clip_by_value(_preprocess_one(data, image_size, stored.resize_policy), 0.0, 1.0)
+        return stored.through_codec(resized)
 
     return tf.map_fn(
         one,
@@ -286,7 +259,6 @@ class _Servable(tf.Module):
         self.backbone_file = tf.saved_model.Asset(posixpath.join(asset_dir, model_files.BACKBONE_JSON))
         label_names = tf.constant(list(labels), tf.string)
         label_thresholds = tf.constant(thresholds, tf.float32)
-        jpeg_quality = stored.jpeg_quality if stored.image_format == "jpeg" else None
 
         def outputs(images: tf.Tensor) -> dict[str, tf.Tensor]:
             probabilities = tf.sigmoid(tf.cast(model(images, training=False), tf.float32))
@@ -300,13 +272,12 @@ class _Servable(tf.Module):
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=model_files.INPUT_NAME)])
         def serve(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
-            return outputs(preprocess_image_bytes(image_bytes, stored.image_size, stored.resize_policy, jpeg_quality,
-                                                  stored.jpeg_subsampling))
+            return outputs(preprocess_image_bytes(image_bytes, stored))
 
         @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name=model_files.INPUT_NAME)])
         def serve_stored(image_bytes: tf.Tensor) -> dict[str, tf.Tensor]:
             size = stored.image_size
-            return outputs(tf.map_fn(lambda data: decode_stored(data, stored), image_bytes,
+            return outputs(tf.map_fn(stored.decode, image_bytes,
                                      fn_output_signature=tf.TensorSpec([size, size, 3], tf.uint8)))
 
         self.serve, self.serve_stored = serve, serve_stored
@@ -345,7 +316,6 @@ def export_model(
             f"export_model: the model has {outputs} outputs, but got {len(labels)} labels and "
             f"thresholds of shape {thresholds.shape}; all three must match (one per label)."
         )
-    _check_options(stored.image_size, stored.resize_policy, stored.jpeg_quality, stored.jpeg_subsampling)
     tf.io.gfile.makedirs(export_base)
     version = _next_version(export_base) if version is None else int(version)
     final = posixpath.join(export_base, str(version))

@@ -21,7 +21,7 @@ import numpy as np
 
 from tagbeam import console, export as model_files, flags, storage
 from tagbeam.dataset import DATASET_JSON
-from trainer.config import TaskOptions, TrainOptions
+from trainer.config import TaskOptions, TrainerJob, TrainOptions
 
 if TYPE_CHECKING:  # imported lazily below: --help and flag errors must not wait for TensorFlow
     import tensorflow as tf
@@ -38,8 +38,7 @@ UsageError = flags.UsageError
 
 def build_parser() -> argparse.ArgumentParser:
     p = flags.Parser(prog="python -m trainer.task", description=__doc__.split("\n\n")[1])
-    flags.add_options(p, TaskOptions)
-    flags.add_options(p, TrainOptions)
+    flags.add_job_options(p, TrainerJob)
     return p
 
 
@@ -47,9 +46,10 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, TaskOptions, Tra
     parser = build_parser()
     namespace = parser.parse_args(argv)
     try:
-        return namespace, flags.build(TaskOptions, namespace), flags.build(TrainOptions, namespace)
+        job = TrainerJob(**flags.build_parts(TrainerJob, namespace))
     except UsageError as err:
         parser.error(str(err))
+    return namespace, job.task, job.train
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TaskOptions, TrainOptions]:
