@@ -47,6 +47,8 @@ EXTRAS = {
         "scikit-image>=0.24",
         # tests/test_deploy.py compiles the Vertex AI Pipelines definition.
         "kfp>=2.17,<3",
+        # tests/test_lint.py: ruff.toml's rules (import order, bugbear, pyupgrade); a minor release may add findings.
+        "ruff>=0.17,<0.18",
         # Drives the system's headless Chromium (Debian chromium + chromium-driver) for the report pages.
         "selenium>=4.20",
     ],

@@ -103,7 +103,7 @@ def cpu_seconds() -> float:
 class Stopwatch:
     """Wall and CPU seconds of a `with` block (CPU of this process and its waited-for children)."""
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         self._wall, self._cpu = time.perf_counter(), cpu_seconds()
         return self
 
@@ -213,7 +213,7 @@ class LoadMeter:
         while not self._stop.wait(self._every_s):
             self._samples.append(float(Path("/proc/loadavg").read_text().split()[0]))
 
-    def __enter__(self) -> "LoadMeter":
+    def __enter__(self) -> LoadMeter:
         self._start = (time.perf_counter(), _busy_seconds(), cpu_seconds())
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -260,9 +260,9 @@ def format_table(headers: Sequence[str], rows: Iterable[Sequence[Any]], title: s
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
     lines = [title] if title else []
-    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    lines.append("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)) + " |")
     lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |" for row in cells]
     return "\n".join(lines)
 
 
@@ -385,7 +385,7 @@ class Context:
     backbone_built: bool = False
 
     @classmethod
-    def create(cls, work: str | None, quick: bool) -> "Context":
+    def create(cls, work: str | None, quick: bool) -> Context:
         default = REPO / "work" / ("bench-quick" if quick else "bench")
         path = Path(work).resolve() if work else default
         path.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ scaling of GPUs. Scaling efficiency = images/s on k devices / (k x images/s on 1
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -51,7 +52,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     import tf_keras
 
     from tagbeam import dataset
-    from trainer import data, embedded_backbone, model as model_lib
+    from trainer import data, embedded_backbone
+    from trainer import model as model_lib
     from trainer.config import TrainOptions
     from trainer.losses import get_loss
 
@@ -71,7 +73,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             runner = model_lib.BatchRunner(strategy, backbone.features)
             batches = max(1, spec["images"] // (extraction_batch * k))
             images = data.image_dataset(info, "train", extraction_batch * k).take(batches)
-            extract_s = _timed(lambda: runner(images))
+            extract_s = _timed(functools.partial(runner, images))
             extracted = batches * extraction_batch * k
 
             tune_batch = FINE_TUNE_BATCH[kind] * k
@@ -84,7 +86,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
                 model.configure_fine_tuning(head.trainable_variables, model_lib.top_variables(backbone, FINE_TUNE_LAYERS),
                                             tf_keras.optimizers.Adam(1e-4))
                 model.compile(optimizer=tf_keras.optimizers.Adam(1e-3), loss=get_loss("bce", None))
-            tune_s = _timed(lambda: model.fit(train, epochs=1, steps_per_epoch=steps, verbose=0))
+            tune_s = _timed(functools.partial(model.fit, train, epochs=1, steps_per_epoch=steps, verbose=0))
             rows.append({"devices": k, "precision": precision, "extract_images": extracted,
                          "extract_s": extract_s, "extract_per_s": extracted / extract_s,
                          "fine_tune_images": steps * tune_batch, "fine_tune_s": tune_s,

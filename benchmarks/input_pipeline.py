@@ -15,13 +15,14 @@ between the two; the best pass of each counts (noise only slows a pass).
 """
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from tagbeam import dataset
 from benchmarks.common import IMAGE_SIZE, Context, Stopwatch, format_table, module_main, read_manifest, summary_row
+from tagbeam import dataset
 
 NAME = "input_pipeline"
 TARGET_SPEEDUP = 2.0
@@ -69,8 +70,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
             for label in by_id[i].labels:
                 if label in index:
                     labels[r, index[label]] = 1.0
-        contenders = {"shards (trainer.data.image_dataset)": lambda: data.image_dataset(info, "train", BATCH),
-                      "tutorial (image files, decode + resize)": lambda: _tutorial_dataset(paths, labels)}
+        contenders = {"shards (trainer.data.image_dataset)": functools.partial(data.image_dataset, info, "train", BATCH),
+                      "tutorial (image files, decode + resize)": functools.partial(_tutorial_dataset, paths, labels)}
         passes: dict[str, list[dict[str, float]]] = {name: [] for name in contenders}
         for _ in range(spec["passes"]):
             for name, make in contenders.items():

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    IMAGE_SIZE, Context, Stopwatch, format_table, module_main, read_json, read_manifest, summary_row,
+    IMAGE_SIZE,
+    Context,
+    Stopwatch,
+    format_table,
+    module_main,
+    read_json,
+    read_manifest,
+    summary_row,
 )
 
 NAME = "preprocess_throughput"
@@ -44,8 +51,7 @@ def _same_work(rows: Sequence[Any], out_dir: Path) -> None:
     import tensorflow as tf
 
     from pipelines import images, splits
-    from tagbeam.dataset import to_example
-    from tagbeam.dataset import SPLITS
+    from tagbeam.dataset import SPLITS, to_example
 
     options = images.ImageOptions(size=IMAGE_SIZE)
     vocab = {label: i for i, label in enumerate(sorted({label for row in rows for label in row.labels}))}

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tagbeam import dataset
 from benchmarks.common import Context, Stopwatch, format_table, module_main, read_json, read_manifest, summary_row
+from tagbeam import dataset
 
 NAME = "quality"
 TARGET_DEFAULT_F1 = 0.80
@@ -104,8 +104,8 @@ def _logistic_regression(data_dir: str, images: list[bytes]) -> dict[str, Any]:
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
-    from trainer.evaluation import evaluate
     from tagbeam.export import parse_thresholds_json
+    from trainer.evaluation import evaluate
 
     labels = spec["labels"]
     images, truth = _heldout(Path(spec["heldout"]), labels)

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    BenchmarkError, Context, LoadMeter, format_table, machine_info, read_json, run_benchmark, write_json,
+    BenchmarkError,
+    Context,
+    LoadMeter,
+    format_table,
+    machine_info,
+    read_json,
+    run_benchmark,
+    write_json,
 )
 
 # Cheap, dependency-free measurements first; the quality benchmark trains the model serving uses.

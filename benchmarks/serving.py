@@ -29,7 +29,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         serve = tf.saved_model.load(spec["export"]).signatures["serving_default"]
     images = [row.path.read_bytes() for row in read_manifest(Path(spec["heldout"]))]
     result: dict[str, Any] = {"load_s": load.wall_s}
-    for batch, calls in zip(BATCHES, (spec["single_calls"], spec["batch_calls"])):
+    for batch, calls in zip(BATCHES, (spec["single_calls"], spec["batch_calls"]), strict=True):
         inputs = [tf.constant([images[(i * batch + j) % len(images)] for j in range(batch)]) for i in range(calls)]
         with Stopwatch() as first:
             serve(image_bytes=inputs[0])

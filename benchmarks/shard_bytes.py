@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
-    FLOAT32_BYTES, IMAGE_SIZE, UINT8_BYTES, Context, format_table, module_main, read_json, read_manifest, summary_row,
+    FLOAT32_BYTES,
+    IMAGE_SIZE,
+    UINT8_BYTES,
+    Context,
+    format_table,
+    module_main,
+    read_json,
+    read_manifest,
+    summary_row,
 )
 
 NAME = "shard_bytes"

@@ -33,7 +33,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     start = time.perf_counter()
     import tensorflow as tf
 
-    from trainer import embedded_backbone, model as model_lib
+    from trainer import embedded_backbone
+    from trainer import model as model_lib
 
     size = spec["image_size"]
     paths = [str(row.path) for row in read_manifest(Path(spec["manifest"]))]

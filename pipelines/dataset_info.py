@@ -126,9 +126,9 @@ def split_summary(split: str, shards: Sequence[dict[str, Any]], labels: Sequence
     mine = sorted((s for s in shards if s["split"] == split), key=lambda s: s["index"])
     counts = [0] * len(labels)
     for shard in mine:
-        counts = [a + b for a, b in zip(counts, shard["label_counts"])]
+        counts = [a + b for a, b in zip(counts, shard["label_counts"], strict=True)]
     return SplitInfo(examples=sum(s["examples"] for s in mine), shards=len(mine), files=tuple(s["file"] for s in mine),
-                     bytes=sum(s["bytes"] for s in mine), label_counts=dict(zip(labels, counts)))
+                     bytes=sum(s["bytes"] for s in mine), label_counts=dict(zip(labels, counts, strict=True)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,7 +162,7 @@ class ReuseRecord:
 def add_tallies(tallies: Iterable[tuple[int, int, int]]) -> tuple[int, int, int]:
     total = [0, 0, 0]
     for tally in tallies:
-        total = [a + b for a, b in zip(total, tally)]
+        total = [a + b for a, b in zip(total, tally, strict=True)]
     return tuple(total)  # type: ignore[return-value]
 
 

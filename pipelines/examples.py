@@ -51,7 +51,7 @@ def fetch_rows(rows: Sequence[Row], options: fetch.FetchOptions,
     for base, indices in by_base.items():
         results = fetch.fetch_many([rows[i].uri for i in indices], options, base=base,
                                    known=[known[i] for i in indices] if known is not None else None)
-        for i, result in zip(indices, results):
+        for i, result in zip(indices, results, strict=True):
             fetched[i] = result
     return fetched
 
@@ -133,7 +133,7 @@ def encode_rows(rows: Sequence[Row], labels: Sequence[str], opts: ExampleOptions
         wanted.append((i, ids, before))
     fetched = fetch_rows([rows[i] for i, _, _ in wanted], opts.fetch,
                          [before.validators if before else None for _, _, before in wanted])
-    for (i, ids, before), result in zip(wanted, fetched):
+    for (i, ids, before), result in zip(wanted, fetched, strict=True):
         results[i] = _encode(rows[i], ids, result, opts, len(labels), before)
     return results
 
@@ -159,7 +159,7 @@ def plan_shards(stats: dict[str, Any], labels: Sequence[str], opts: ExampleOptio
     results = encode_rows(sample, labels, opts, previous)
     sizes = [example_size(r, len(labels)) for r in results]
     return ShardPlan(list(labels), plan_shard_counts(stats["rows_per_split"], sizes, target_bytes),
-                     {row.id: result for row, result in zip(sample, results)})
+                     {row.id: result for row, result in zip(sample, results, strict=True)})
 
 
 class EncodeRows(beam.DoFn):

@@ -49,9 +49,9 @@ from urllib3.exceptions import (
 )
 from urllib3.util import parse_url
 
+from pipelines.options import ACCEPTANCE
 from tagbeam import storage
 from tagbeam.dataset import unexpected
-from pipelines.options import ACCEPTANCE
 from tagbeam.flags import at_least, group, option, positive
 
 USER_AGENT = "tagbeam/0.1"
@@ -254,7 +254,7 @@ def fetch_many(uris: Sequence[str], options: FetchOptions, base: str | None = No
             results[i] = one(i)
     if remote:
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(options.concurrency, len(remote))) as pool:
-            for i, result in zip(remote, pool.map(one, remote)):
+            for i, result in zip(remote, pool.map(one, remote), strict=True):
                 results[i] = result
     return results
 

@@ -41,8 +41,8 @@ from pipelines.options import PREDICT
 from tagbeam.dataset import DRAFT_MARGIN
 from tagbeam.flags import group, in_range, option, positive
 from tagbeam.stored import IMAGE_FORMATS, JPEG_SUBSAMPLINGS, MAX_IMAGE_SIZE, RESIZE_POLICIES, StoredImages
-from trainer.embedded_backbone import BACKBONES, DEFAULT as DEFAULT_BACKBONE
-
+from trainer.embedded_backbone import BACKBONES
+from trainer.embedded_backbone import DEFAULT as DEFAULT_BACKBONE
 
 # Pillow's JPEG opener also returns the multi-picture JPEGs ("MPO") that many phones write.
 _PILLOW_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
@@ -110,7 +110,7 @@ class ImageOptions:
         """How images made with these options are stored (tagbeam.stored owns that format)."""
         return StoredImages(self.size, self.output_format, self.policy, self.jpeg_quality, self.jpeg_subsampling)
 
-    def storing(self, stored: StoredImages) -> "ImageOptions":
+    def storing(self, stored: StoredImages) -> ImageOptions:
         """These decoding bounds, storing images as `stored` says (pipelines.predict: an export's)."""
         return dataclasses.replace(self, size=stored.image_size, output_format=stored.image_format,
                                    policy=stored.resize_policy, jpeg_quality=stored.jpeg_quality,
@@ -130,9 +130,10 @@ def identity(options: ImageOptions) -> dict[str, Any]:
             "pillow": PIL.__version__, "numpy": np.__version__, "tifffile": tifffile.__version__}
 
 
-def to_rgb(data: bytes, options: ImageOptions = ImageOptions()) -> Image.Image:
+def to_rgb(data: bytes, options: ImageOptions | None = None) -> Image.Image:
     """Decodes `data` into an 8-bit RGB image (rules in the module docstring) within the bounds of
-    `options` (only its max_pixels and max_decoded_bytes apply). Raises ImageError."""
+    `options` (only its max_pixels and max_decoded_bytes apply; default: their declared defaults). Raises ImageError."""
+    options = options if options is not None else ImageOptions()
     with _as_image_errors():
         return _decode(data, options, draft_side=None).image
 

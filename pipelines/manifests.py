@@ -37,8 +37,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.fetch import FetchError, resolve_uri
 from pipelines.outcomes import REJECTED_TAG, count, reject_row, rejected, rejection
-from tagbeam.dataset import Rejection, check_label, unexpected
 from tagbeam import flags
+from tagbeam.dataset import Rejection, check_label, unexpected
 from tagbeam.flags import UsageError, option
 
 MOVIE_GENRE_COLUMNS = ("imdbId", "Imdb Link", "Title", "IMDB Score", "Genre", "Poster")
@@ -390,7 +390,7 @@ def _csv_records(path: str, handle: io.IOBase) -> Iterator[tuple[int, dict[str, 
         elif len(record) != len(header):
             yield number, f"line {line}: expected {len(header)} fields ({','.join(header)}), got {len(record)}"
         else:
-            yield number, dict(zip(header, record))
+            yield number, dict(zip(header, record, strict=True))
 
 
 def _table_records(path: str, handle: io.IOBase, columns: list[str]) -> Iterator[tuple[int, dict | str]]:

@@ -22,7 +22,7 @@ SOURCES_TAG = "sources"  # where each example's Source leaves EncodeRows and the
 TALLIES_TAG = "tallies"  # (rows fetched, reused, revalidated) per batch, summed into dataset.json
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _counter(name: str) -> Any:
     # Beam counters resolve the current metrics container at inc() time, so one object per name
     # can serve every bundle; creating one per increment was measurable per-image overhead.

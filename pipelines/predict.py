@@ -13,6 +13,7 @@ counts reconcile: input_rows == predicted + rejected.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -32,7 +33,8 @@ from pipelines.images import ImageOptions
 from pipelines.manifests import ManifestOptions, Row
 from pipelines.options import PREDICT, OutputOptions, PredictOptions
 from pipelines.outcomes import REJECTED_TAG, WriteRejected, count, reject_row, rejected
-from tagbeam import console, export as model_files, flags, storage
+from tagbeam import console, flags, storage
+from tagbeam import export as model_files
 from tagbeam.dataset import REJECTED_PREFIX, REJECTED_SUFFIX, SHARD_TEMPLATE, Rejection, StoredImages
 from tagbeam.flags import UsageError
 from tagbeam.workspace import StateError, Workspace
@@ -135,11 +137,11 @@ class FetchAndCheck(beam.DoFn):
 
     def process(self, batch: Sequence[Row]) -> Iterator[Any]:
         fetched = fetch_rows(batch, self._options)
-        for row, source in zip(batch, fetched):
+        for row, source in zip(batch, fetched, strict=True):
             if isinstance(source, fetch.FetchError):
                 yield rejected(reject_row(row, "fetch", source.reason, source.detail))
                 continue
-            image = decoded_or_rejection(row, lambda: self._model_input(source.data))
+            image = decoded_or_rejection(row, functools.partial(self._model_input, source.data))
             if isinstance(image, Rejection):
                 yield rejected(image)
                 continue
@@ -171,7 +173,7 @@ class SavedModelHandler(ModelHandler[bytes, dict, Any]):
         probabilities = outputs[model_files.OUTPUT_PROBABILITIES].numpy()
         predicted = outputs[model_files.OUTPUT_PREDICTED].numpy()
         return [PredictionResult(example, {"probabilities": p, "predicted": k})
-                for example, p, k in zip(batch, probabilities, predicted)]
+                for example, p, k in zip(batch, probabilities, predicted, strict=True)]
 
     def batch_elements_kwargs(self) -> dict[str, int]:
         return {"min_batch_size": 1, "max_batch_size": self._batch_size}
@@ -184,10 +186,10 @@ def to_record(item: tuple[Row, PredictionResult], labels: Sequence[str]) -> dict
     """One output row: id, uri, predicted label names, and a probability per label."""
     row, result = item
     probabilities = result.inference["probabilities"]
-    chosen = [label for label, k in zip(labels, result.inference["predicted"]) if k]
+    chosen = [label for label, k in zip(labels, result.inference["predicted"], strict=True) if k]
     count("rows_predicted")
     return {"id": row.id, "uri": row.uri, "predicted_labels": chosen,
-            "probabilities": {label: float(p) for label, p in zip(labels, probabilities)}}
+            "probabilities": {label: float(p) for label, p in zip(labels, probabilities, strict=True)}}
 
 
 def csv_line(record: dict[str, Any], labels: Sequence[str]) -> str:

@@ -150,7 +150,7 @@ def write_page(output: str, summary: dict[str, Any], labels: Sequence[str], thre
     gallery = []
     for row_id, probabilities, image in sorted(sample, key=lambda s: s[0]):
         picture = thumbnail(image)
-        chosen = [[k, float(p)] for k, (p, t) in enumerate(zip(probabilities, np.asarray(thresholds, np.float32)))
+        chosen = [[k, float(p)] for k, (p, t) in enumerate(zip(probabilities, np.asarray(thresholds, np.float32), strict=True))
                   if np.float32(p) >= t]
         gallery.append({"id": row_id, "labels": chosen, "thumb": pages.data_uri("image/jpeg", picture) if picture else None})
     rejected = [{"reason": reason, "count": n, "examples": rejected_examples.get(reason, [])}

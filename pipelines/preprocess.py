@@ -69,7 +69,7 @@ class PreprocessJob:
     flags: dict[str, Any]
 
     @classmethod
-    def from_namespace(cls, namespace: Any) -> "PreprocessJob":
+    def from_namespace(cls, namespace: Any) -> PreprocessJob:
         return cls(**flags.build_parts(cls, namespace), flags=dict(vars(namespace)))
 
     def layout(self) -> dataset_info.Layout:

@@ -34,7 +34,9 @@ from pipelines.images import ImageOptions
 from pipelines.manifests import ManifestOptions
 from pipelines.options import LabelOptions, SplitOptions
 from pipelines.reuse import ReuseOptions
-from tagbeam import console, dataset, export as model_files, flags, lease as leases, storage
+from tagbeam import console, dataset, flags, storage
+from tagbeam import export as model_files
+from tagbeam import lease as leases
 from tagbeam.dataset import DATASET_JSON
 from tagbeam.flags import UsageError, at_least, group, option, positive
 from tagbeam.workspace import PROMOTED, RESTORE_CHAMPION, Champion, StateError, Workspace, relative
@@ -159,7 +161,7 @@ def _with_recorded_options(job: RetrainJob, workspace: Workspace, run_id: str) -
 
 
 def _new_run_id() -> str:
-    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:4]
+    return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:4]
 
 
 def _subprocess(step: str, argv: list[str]) -> None:
@@ -279,7 +281,7 @@ def score_exports(data_dir: str, export_dirs: list[str], beta: float) -> tuple[i
             probs[k].append(outputs[model_files.OUTPUT_PROBABILITIES].numpy())
     y_true = np.concatenate(truth)
     return len(y_true), [evaluate(y_true, np.concatenate(p), labels, thresholds, beta)
-                         for p, (_, thresholds) in zip(probs, servables)]
+                         for p, (_, thresholds) in zip(probs, servables, strict=True)]
 
 
 def gate_value(metrics: dict, metric: str) -> float:
@@ -350,7 +352,7 @@ def promote_step(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
             new = Champion(run_id=run_id, export_path=run_info.export_path,
                            labels_file=storage.join(workspace.model_dir(run_id), model_files.LABELS_TXT),
                            metric=job.retrain.metric, value=decision["challenger"]["value"],
-                           promoted_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+                           promoted_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"))
             if not workspace.replace_champion(new, version):
                 log.warning("[promote] champion.json changed while the models were compared (another run "
                             "promoted): comparing again with the new champion")
@@ -428,7 +430,7 @@ def restore_champion(workspace: Workspace, run_id: str, lease: leases.Lease) -> 
     lease.check()
     if not workspace.replace_champion(champion, version):
         raise StepError(f"{workspace.champion_file} changed while it was rebuilt; run {RESTORE_CHAMPION} again")
-    workspace.append_history({"time": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    workspace.append_history({"time": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
                               "run_id": run_id, "step": "restore_champion", "outcome": "champion restored",
                               "champion": champion.run_id})
     print(f"[retrain] {workspace.champion_file} rebuilt from {workspace.history_file}: run {champion.run_id} "
@@ -457,7 +459,7 @@ def run(job: RetrainJob) -> int:
     run_id = _run_id(job, workspace)
     if job.retrain.step in ("check", "train", "promote"):
         job = _with_recorded_options(job, workspace, run_id)
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     record: dict[str, Any] = {"time": started.isoformat(timespec="seconds"), "run_id": run_id,
                               "step": job.retrain.step, "input": job.manifest.input}
     try:
@@ -504,7 +506,7 @@ def _run_holding(job: RetrainJob, workspace: Workspace, run_id: str, lease: leas
     if "promote" in steps:
         current = workspace.champion()
         record["pruned"] = prune_runs(workspace, job.retrain.keep_versions, current and current.run_id)
-    record["seconds"] = round((dt.datetime.now(dt.timezone.utc) - started).total_seconds(), 1)
+    record["seconds"] = round((dt.datetime.now(dt.UTC) - started).total_seconds(), 1)
     workspace.append_history(record)
     night_report.write_logged(workspace, run_id, record)
     current = workspace.champion()

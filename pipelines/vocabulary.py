@@ -23,11 +23,11 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.manifests import text_lines
+from pipelines.shards import SAMPLE_ROWS, sample_key
+from pipelines.splits import split_of
 from tagbeam import storage
 from tagbeam.dataset import check_label, parse_labels_text
 from tagbeam.flags import UsageError
-from pipelines.shards import SAMPLE_ROWS, sample_key
-from pipelines.splits import split_of
 
 VOCABULARY_NAME = "labels"
 OUTPUT_FEATURE = "label_ids"
@@ -121,7 +121,7 @@ class StatsFn(beam.CombineFn):
     def merge_accumulators(self, accs: Iterable[tuple[list[Counter], list]]) -> tuple[list[Counter], list]:
         counters, entries = self.create_accumulator()
         for acc_counters, sample in accs:
-            for total, part in zip(counters, acc_counters):
+            for total, part in zip(counters, acc_counters, strict=True):
                 total.update(part)
             entries.extend(sample)
         sample = heapq.nlargest(SAMPLE_ROWS, entries)

@@ -123,7 +123,7 @@ def render_poster(plan: PosterPlan, images: np.ndarray, size: tuple[int, int]) -
     canvas[height - band // 2:] = background * 0.5
     cell_w, cell_h = _cell_size(size)
     side = _item_side(size)
-    for cell, item, (dx, dy) in zip(plan.cells, plan.items, plan.jitter):
+    for cell, item, (dx, dy) in zip(plan.cells, plan.items, plan.jitter, strict=True):
         x = (cell % 2) * cell_w + dx
         y = band + (cell // 2) * cell_h + dy
         item_image = Image.fromarray(images[item]).resize((side, side), Image.Resampling.BILINEAR)

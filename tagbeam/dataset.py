@@ -137,7 +137,7 @@ class Rejection(NamedTuple):
         return json.dumps(self._asdict(), ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, line: str) -> "Rejection":
+    def from_json(cls, line: str) -> Rejection:
         return cls(**json.loads(line))
 
 
@@ -168,7 +168,7 @@ class Source(NamedTuple):
                           ensure_ascii=False, sort_keys=True)
 
     @classmethod
-    def from_json(cls, line: str) -> "Source":
+    def from_json(cls, line: str) -> Source:
         record = json.loads(line)  # keys a later version may add are left out
         return cls(**{name: record[name] for name in cls._fields})
 
@@ -278,7 +278,7 @@ class DatasetInfo:
         }
 
     @classmethod
-    def from_json(cls, meta: Any, where: str = DATASET_JSON, data_dir: str = "") -> "DatasetInfo":
+    def from_json(cls, meta: Any, where: str = DATASET_JSON, data_dir: str = "") -> DatasetInfo:
         """Checks a parsed dataset.json; raises DatasetError naming `where` and the field."""
         if not isinstance(meta, dict):
             raise DatasetError(f"{where} is not a JSON object")

@@ -67,7 +67,7 @@ def thresholds_json(labels: Sequence[str], thresholds: Sequence[float]) -> str:
     """thresholds.json: ``{"thresholds": {label: threshold, ...}}`` in label order."""
     if len(labels) != len(thresholds):
         raise ValueError(f"{len(labels)} labels but {len(thresholds)} thresholds.")
-    return json.dumps({"thresholds": {str(k): float(t) for k, t in zip(labels, thresholds)}}, indent=2) + "\n"
+    return json.dumps({"thresholds": {str(k): float(t) for k, t in zip(labels, thresholds, strict=True)}}, indent=2) + "\n"
 
 
 def parse_thresholds_json(text: str) -> tuple[list[str], list[float]]:
@@ -143,7 +143,7 @@ class RunInfo:
         return {**dataclasses.asdict(self), "devices": list(self.devices)}
 
     @classmethod
-    def from_json(cls, meta: Mapping[str, Any]) -> "RunInfo":
+    def from_json(cls, meta: Mapping[str, Any]) -> RunInfo:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in meta.items() if k in known})
 

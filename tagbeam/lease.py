@@ -35,7 +35,7 @@ TAKEOVER_STALE_S = 60.0  # a takeover takes milliseconds; one this old was kille
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def _iso(when: dt.datetime) -> str:
@@ -53,7 +53,7 @@ class Holder:
     expires: str
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "Holder | None":
+    def from_bytes(cls, data: bytes) -> Holder | None:
         try:
             meta = json.loads(data)
             return cls(**{f.name: meta[f.name] for f in dataclasses.fields(cls)})
@@ -149,7 +149,7 @@ class Lease:
                 log.warning("the workspace lease %s was no longer this run's when it ended", self.path)
             self._lost = self._lost or "released"
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:

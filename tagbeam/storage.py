@@ -89,7 +89,7 @@ def set_aside(path: str) -> str:
     way) and returns the new name."""
     import datetime as dt
 
-    target = f"{path}.bad-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S%fZ')}"
+    target = f"{path}.bad-{dt.datetime.now(dt.UTC).strftime('%Y%m%dT%H%M%S%fZ')}"
     if is_remote(path):
         _fs().rename([path], [target])
     else:

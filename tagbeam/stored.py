@@ -72,7 +72,7 @@ class StoredImages:
 
     @classmethod
     def from_json(cls, meta: Mapping[str, Any], error: Callable[[str], Exception] = ValueError,
-                  defaults: Mapping[str, Any] = LEGACY_DEFAULTS) -> "StoredImages":
+                  defaults: Mapping[str, Any] = LEGACY_DEFAULTS) -> StoredImages:
         """The fields of `meta` (a dataset.json or a stored_images.json); a missing field takes its
         value from `defaults` (what older datasets imply), else it is an `error(message)`."""
         values = {}
@@ -93,7 +93,7 @@ class StoredImages:
 
     # --- Pillow: what the pipeline writes ---------------------------------------------------------
 
-    def encode(self, image: "Image.Image") -> bytes:
+    def encode(self, image: Image.Image) -> bytes:
         """An RGB image of image_size x image_size -> the stored bytes."""
         out = io.BytesIO()
         if self.image_format == "jpeg":
@@ -104,7 +104,7 @@ class StoredImages:
 
     # --- TensorFlow: what the trainer and the serving signatures read -----------------------------
 
-    def decode(self, data: "tf.Tensor") -> "tf.Tensor":
+    def decode(self, data: tf.Tensor) -> tf.Tensor:
         """One stored image (an Example's `image`) -> uint8 [S, S, 3]: how training reads it, and how
         the export's stored-images signature reads what pipelines.predict makes."""
         import tensorflow as tf
@@ -116,7 +116,7 @@ class StoredImages:
             image = tf.io.decode_png(data, channels=3)
         return tf.ensure_shape(image, [self.image_size, self.image_size, 3])
 
-    def through_codec(self, image: "tf.Tensor") -> "tf.Tensor":
+    def through_codec(self, image: tf.Tensor) -> tf.Tensor:
         """Float [S, S, 3] in [0, 1] -> the uint8 pixels a dataset file holds: 8-bit, and through the
         JPEG codec when stored as JPEG. A 95-quality round trip moves pixels by 0.8-1.7 levels on
         average; on real photos that shifted an ImageNet MobileNetV2's class probabilities by up to

@@ -27,7 +27,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from tagbeam import export as model_files, storage
+from tagbeam import export as model_files
+from tagbeam import storage
 
 RUNS_DIR = "runs"
 CHAMPION_JSON = "champion.json"
@@ -84,7 +85,7 @@ class Champion:
                 "labels_file": relative(root, self.labels_file)}
 
     @classmethod
-    def from_json(cls, meta: Mapping[str, Any], root: str) -> "Champion":
+    def from_json(cls, meta: Mapping[str, Any], root: str) -> Champion:
         """From champion.json, with its paths resolved in the workspace at `root`."""
         fields = {f.name: meta[f.name] for f in dataclasses.fields(cls)}
         for key in ("export_path", "labels_file"):

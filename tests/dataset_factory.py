@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
-from image_factory import encode
 
 from tagbeam.dataset import to_example
+
+from image_factory import encode
 
 # (shape, RGB) per label index; labels beyond this list reuse shapes with other colours.
 _STYLES = [
@@ -136,4 +137,4 @@ def read_examples(folder: str, info: dict) -> dict[str, dict]:
 
 
 def label_names(example: dict, info: dict) -> set[str]:
-    return {label for label, bit in zip(info["labels"], example["labels"]) if bit}
+    return {label for label, bit in zip(info["labels"], example["labels"], strict=True) if bit}

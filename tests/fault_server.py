@@ -9,7 +9,7 @@ import dataclasses
 import http.server
 import threading
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 
 @dataclasses.dataclass
@@ -79,7 +79,7 @@ class FaultServer:
                 counts[status] = counts.get(status, 0) + 1
             return counts
 
-    def start(self) -> "FaultServer":
+    def start(self) -> FaultServer:
         self._thread.start()
         return self
 

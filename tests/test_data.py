@@ -5,11 +5,12 @@ import json
 import os
 
 import numpy as np
-from tagbeam import dataset
 import pytest
 
-from dataset_factory import write_dataset
+from tagbeam import dataset
 from trainer import data
+
+from dataset_factory import write_dataset
 
 LABELS = ["circle", "square", "triangle", "cross"]
 
@@ -60,7 +61,7 @@ def test_dihedral_augmentation_only_moves_pixels(dataset_dir: str) -> None:
     augmented = list(data.image_dataset(info, "val", 12, training=True, seed=5, augment="dihedral"))[0]
     np.testing.assert_array_equal(plain[1], augmented[1])
     changed = 0
-    for image, moved in zip(plain[0].numpy(), augmented[0].numpy()):
+    for image, moved in zip(plain[0].numpy(), augmented[0].numpy(), strict=True):
         variants = [np.rot90(v, k) for v in (image, image[:, ::-1]) for k in range(4)]
         assert any(np.array_equal(moved, v) for v in variants)
         changed += not np.array_equal(moved, image)

@@ -145,7 +145,7 @@ def scan_shell(text: str, name: str, launchers: dict[str, dict[str, str]] | None
     """Invocations in shell-like text: scripts, crontabs, systemd ExecStart=, Dockerfile RUN lines."""
     launchers = _launchers() if launchers is None else launchers
     arrays = _bash_arrays(text)
-    relevant = re.compile("|".join([r"-m\s+(?:%s)\b" % "|".join(PROJECT_PACKAGES), r"\.py\b",
+    relevant = re.compile("|".join([r"-m\s+(?:{})\b".format("|".join(PROJECT_PACKAGES)), r"\.py\b",
                                     *map(re.escape, launchers)]))
     found = []
     for number, line in _logical_lines(text):
@@ -432,7 +432,8 @@ def test_vertex_job_is_one_multi_gpu_machine_whose_args_the_trainer_accepts(monk
 
 
 def test_multiworker_job_runs_one_command_on_every_worker_and_names_one_chief(monkeypatch):
-    from trainer import model as model_lib, task
+    from trainer import model as model_lib
+    from trainer import task
 
     spec = yaml.safe_load((DEPLOY / "vertex/trainer_multiworker_job.yaml").read_text())
     chief, workers = spec["workerPoolSpecs"]

@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from trainer.hub import hub
 import tf_keras
 from PIL import Image
 from skimage import data
 
 from tagbeam.export import BACKBONE_SPATIAL_FUNCTION
 from trainer import embedded_backbone as eb
+from trainer.hub import hub
 
 REPO = Path(__file__).resolve().parents[1]
 CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
@@ -293,7 +293,7 @@ def test_lite_port_recognises_real_photos(name: str) -> None:
 def test_lite_reader_maps_every_weight() -> None:
     # The port refuses unused state-dict entries, so building is the check; the counts are the
     # published parameter counts of the converted checkpoints (classifier included).
-    for name, params in zip(LITES, (4_652_008, 5_416_680, 6_092_072)):
+    for name, params in zip(LITES, (4_652_008, 5_416_680, 6_092_072), strict=True):
         state = eb.read_legacy_torch(eb.weights_path(name))
         assert sum(v.size for k, v in state.items()
                    if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))) == params
@@ -328,7 +328,7 @@ def test_fine_tuning_trains_the_top_of_a_lite_backbone(cache_dir: str) -> None:
     before = [v.numpy().copy() for v in (*top, below)]
     images = np.random.default_rng(3).integers(0, 255, (4, 64, 64, 3), np.uint8)
     model.fit(images, np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32), epochs=1, verbose=0)
-    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, top))
+    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, top, strict=True))
     np.testing.assert_array_equal(before[-1], below.numpy())
 
 

@@ -48,7 +48,7 @@ def _grown(base: str, extra: str, out: str, relabel: int) -> str:
     for name in files:
         for record in tf.data.TFRecordDataset(os.path.join(out, name), "GZIP"):
             counts += np.array(tf.train.Example.FromString(record.numpy()).features.feature["labels"].int64_list.value)
-    train["label_counts"] = dict(zip(LABELS, counts.tolist()))
+    train["label_counts"] = dict(zip(LABELS, counts.tolist(), strict=True))
     meta["input_rows"] = sum(s["examples"] for s in meta["splits"].values())
     json.dump(meta, open(os.path.join(out, "dataset.json"), "w"))
     open(os.path.join(out, "labels.txt"), "w").write("".join(f"{label}\n" for label in LABELS))
@@ -78,7 +78,7 @@ def test_a_second_run_extracts_only_the_images_it_has_not_seen(tiny_backbone, tm
         fresh_arrays = [np.load(tmp_path / "m3" / "feature_cache" / d / f"{name}-{kind}.npy")
                         for d in os.listdir(tmp_path / "m3" / "feature_cache") for kind in ("features", "labels")]
         assert len(from_store) == len(fresh_arrays) == 2
-        for a, b in zip(from_store, fresh_arrays):
+        for a, b in zip(from_store, fresh_arrays, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert json.load(open(tmp_path / "m2" / "metrics.json")) == json.load(open(tmp_path / "m3" / "metrics.json"))
 

@@ -12,9 +12,10 @@ import time
 import urllib.request
 
 import pytest
-from fault_server import Response, redirect
 
 from pipelines.fetch import FetchError, FetchOptions, fetch, fetch_many, resolve_uri
+
+from fault_server import Response, redirect
 
 # Loopback is where the test servers live; short back-offs keep retries fast.
 LOCAL = FetchOptions(allow_loopback=True, backoff_s=0.01, timeout_s=2.0)

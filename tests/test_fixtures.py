@@ -1,4 +1,5 @@
 """The shared fixtures do what later tests rely on, against real sockets."""
+import http.client
 import urllib.error
 import urllib.request
 
@@ -19,7 +20,7 @@ def test_fault_server_scripts_responses_in_order(http_server):
 
 def test_fault_server_truncates_redirects_and_404s(http_server):
     short = http_server.route("/short", Response(body=b"abc", declared_length=100))
-    with pytest.raises(Exception):
+    with pytest.raises(http.client.IncompleteRead):
         urllib.request.urlopen(short, timeout=5).read()
     target = http_server.serve("/target", b"payload")
     hop = http_server.route("/hop", redirect(target))

@@ -8,10 +8,10 @@ import io
 import numpy as np
 import pytest
 import tifffile
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from fault_server import Response
 from pipelines import fetch, manifests
 from pipelines.examples import ExampleOptions, encode_rows
 from pipelines.fetch import FetchOptions
@@ -19,6 +19,8 @@ from pipelines.images import ImageOptions
 from pipelines.manifests import Row
 from pipelines.shards import Encoded
 from tagbeam.dataset import REJECTION_STAGES, Rejection
+
+from fault_server import Response
 from image_factory import encode
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -13,8 +13,9 @@ import skimage.data
 import tifffile
 from PIL import Image
 
-from sample_data.hostile import zero_tiff
 from pipelines.images import ImageError, ImageOptions, _decode, pad_geometry, process, resize, to_rgb
+from sample_data.hostile import zero_tiff
+
 from image_factory import encode, png_header
 
 RED, BLUE, WHITE, BLACK = (255, 0, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0)

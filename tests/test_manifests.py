@@ -10,8 +10,8 @@ import pytest
 
 from pipelines import manifests
 from pipelines.manifests import ManifestOptions, ManifestSpec, Row
-from tagbeam.dataset import Rejection
 from tagbeam import flags
+from tagbeam.dataset import Rejection
 from tagbeam.flags import UsageError
 
 AMAZON = "https://images-na.ssl-images-amazon.com/images/M/"

@@ -7,14 +7,16 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from tagbeam import dataset
 import pytest
 import tensorflow as tf
 import tf_keras
 
+from tagbeam import dataset
+from trainer import data
+from trainer import model as model_lib
+
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset
-from trainer import data, model as model_lib
 
 LABELS = ["circle", "square", "triangle"]
 
@@ -138,8 +140,8 @@ def test_fine_tuning_updates_only_the_top_backbone_variables(strategy, tmp_path)
     head_before = [v.numpy().copy() for v in head.trainable_variables]
     model.fit(data.image_dataset(info, "train", 8, training=True, seed=0), epochs=1, verbose=0)
     after = [v.numpy() for v in backbone.loaded.trainable_variables]
-    changed = [not np.array_equal(b, a) for b, a in zip(before, after)]
+    changed = [not np.array_equal(b, a) for b, a in zip(before, after, strict=True)]
     assert changed == [False, False, True, True]  # kernel1, bias1 frozen; kernel2, bias2 tuned
-    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(head_before, head.trainable_variables))
+    assert all(not np.array_equal(b, v.numpy()) for b, v in zip(head_before, head.trainable_variables, strict=True))
     with pytest.raises(model_lib.BackboneError, match="--fine_tune_layers 5: .* only 4 trainable variables"):
         model_lib.top_variables(backbone, 5)

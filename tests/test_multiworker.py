@@ -10,11 +10,12 @@ import sys
 import time
 
 import numpy as np
+from test_task import _SERVE_SCRIPT, _test_image_bytes
+
+from tagbeam import dataset
 
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset
-from test_task import _SERVE_SCRIPT, _test_image_bytes
-from tagbeam import dataset
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LABELS = ["circle", "square", "triangle", "cross"]

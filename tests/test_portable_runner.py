@@ -12,14 +12,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from test_predict import _with_bad_rows, exported, posters  # noqa: F401 - fixtures, shared with test_predict
+
+from pipelines import predict, preprocess
 
 from conftest import free_port
-from pipelines import predict, preprocess
-from test_predict import _with_bad_rows, exported, posters  # noqa: F401 - fixtures, shared with test_predict
 
 # TFT's SavedModel graph names its functions with process-wide counters (`__inference_..._626`)
 # and holds the run's temporary folder: it differs between any two runs, even on one runner. Its

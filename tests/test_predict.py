@@ -10,19 +10,20 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
-from trainer.hub import hub
 import tf_keras
 
-from backbone_factory import write_backbone
-from browser import load, screenshot
-from sample_data.hostile import zero_tiff
 import sample_data
 from pipelines import images, predict
 from pipelines.images import ImageOptions
-from trainer.evaluation import evaluate
-from trainer.model import NonEmptyBatch
+from sample_data.hostile import zero_tiff
 from tagbeam.dataset import StoredImages
+from trainer.evaluation import evaluate
+from trainer.hub import hub
+from trainer.model import NonEmptyBatch
 from trainer.serving import export_model
+
+from backbone_factory import write_backbone
+from browser import load, screenshot
 
 IMAGE_SIZE = 64
 
@@ -114,7 +115,7 @@ def test_predict_matches_the_saved_model_and_reconciles(posters, exported, tmp_p
     # Online serving reproduces that preprocessing with TF ops, closely but not bit for bit.
     online = loaded.signatures["serving_default"](image_bytes=tf.constant([open(u, "rb").read() for u in uris]))
     np.testing.assert_allclose(ours, online["probabilities"].numpy(), atol=0.02)
-    for row, names in zip(rows, own["predicted_labels"].numpy()):
+    for row, names in zip(rows, own["predicted_labels"].numpy(), strict=True):
         got = row["predicted_labels"].split("|") if row["predicted_labels"] else []
         assert got == [n.decode() for n in names if n]
 

@@ -21,10 +21,11 @@ import tensorflow as tf
 import tifffile
 from PIL import Image
 
-from backbone_factory import write_backbone
 from pipelines import images, predict, preprocess
 from tagbeam import dataset, export
 from trainer import task
+
+from backbone_factory import write_backbone
 from image_factory import encode, png_header
 
 SIZE = 32
@@ -115,7 +116,7 @@ def _model_on_stored(export_path: str, stored: dict[str, bytes]) -> dict[str, np
     signature = tf.saved_model.load(export_path).signatures[export.STORED_SIGNATURE_NAME]
     ids = sorted(stored)
     probabilities = signature(**{export.INPUT_NAME: tf.constant([stored[i] for i in ids])})["probabilities"].numpy()
-    return dict(zip(ids, probabilities))
+    return dict(zip(ids, probabilities, strict=True))
 
 
 @pytest.mark.parametrize("image_format", ["jpeg", "png"])

@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from fault_server import FaultServer, Response, redirect
+
+from pipelines import preprocess, shards
+from pipelines.splits import split_of
+from sample_data.hostile import png_header
 
 from dataset_factory import label_names, read_examples
-from pipelines import preprocess, shards
-from sample_data.hostile import png_header
-from pipelines.splits import split_of
+from fault_server import FaultServer, Response, redirect
 from image_factory import noise_image
 from job_runs import preprocess as run
 

@@ -14,12 +14,15 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tagbeam import dataset
+from tagbeam import export as model_files
+from trainer import model as model_lib
+from trainer import report, task
+from trainer.evaluation import evaluate
+
 from backbone_factory import write_backbone
 from browser import load, screenshot
 from dataset_factory import write_dataset
-from tagbeam import dataset, export as model_files
-from trainer import model as model_lib, report, task
-from trainer.evaluation import evaluate
 
 HOSTILE = "<img src=x onerror=alert(1)>"
 QUOTED = "say \"hi\" it's"
@@ -97,7 +100,7 @@ def test_the_page_loads_offline_with_curves_threshold_control_and_gallery(traine
     from selenium.common.exceptions import NoAlertPresentException
 
     with pytest.raises(NoAlertPresentException):
-        browser.switch_to.alert.text
+        _ = browser.switch_to.alert.text
     screenshot(browser, "model-report.png")
 
 

@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
-from browser import load, screenshot
-from dataset_factory import label_names, read_examples
-from fault_server import FaultServer, Response
 
 import sample_data
 from pipelines import retrain
+
+from browser import load, screenshot
+from dataset_factory import label_names, read_examples
+from fault_server import FaultServer, Response
 from image_factory import noise_image
 from job_runs import python_m as _python_m
 

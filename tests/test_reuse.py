@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
-from dataset_factory import label_names, read_examples
-from fault_server import FaultServer, Response
 
 from tagbeam.dataset import Source
+
+from dataset_factory import label_names, read_examples
+from fault_server import FaultServer, Response
 from image_factory import noise_image
 from job_runs import preprocess as run
 
@@ -152,7 +153,7 @@ def test_a_reused_row_the_earlier_shards_lost_is_recorded_not_lost(nights):
     ids = [tf.train.Example.FromString(r).features.feature["id"].bytes_list.value[0].decode() for r in records]
     dropped = next(i for i in ids if i not in ("k00", "k01", "k02"))  # a row night 2 still has
     with tf.io.TFRecordWriter(str(shard)) as writer:  # what a dataset changed under a running job looks like
-        for id_, record in zip(ids, records):
+        for id_, record in zip(ids, records, strict=True):
             if id_ != dropped:
                 writer.write(record)
     out = run(["--input", str(tmp / "night2.csv"), "--output", str(tmp / "after_tampering"), *COMMON,

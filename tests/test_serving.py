@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import skimage.data
 import tensorflow as tf
-from trainer.hub import hub
 import tf_keras
-from backbone_factory import write_backbone
 from PIL import Image, ImageOps
 
-from trainer.model import NonEmptyBatch
 from tagbeam.dataset import StoredImages
+from trainer.hub import hub
+from trainer.model import NonEmptyBatch
 from trainer.serving import export_model, preprocess_image_bytes
+
+from backbone_factory import write_backbone
 from image_factory import encode
 
 LABELS = ["cat", "coffee", "outdoor", "person"]
@@ -159,7 +160,7 @@ def test_reloads_in_a_fresh_tensorflow_only_process_and_answers_a_rest_request(e
     np.testing.assert_allclose(probs, exported["probs"], atol=1e-5)
     expected = probs >= exported["thresholds"]
     assert np.array_equal(np.array(result["predicted"]), expected.astype(int))
-    assert result["predicted_labels"] == [[name if chosen else "" for name, chosen in zip(LABELS, row)] for row in expected]
+    assert result["predicted_labels"] == [[name if chosen else "" for name, chosen in zip(LABELS, row, strict=True)] for row in expected]
     assert expected.any(axis=1).all() and (~expected).any(axis=1).all()  # mixed predictions: the check has teeth
 
 
@@ -237,7 +238,7 @@ def test_exif_orientation_is_applied_like_pillow():
     cases = [(o, big) for o in range(1, 9) for big in (False, True)]
     batch = [_with_exif_orientation(plain, o, big) for o, big in cases]
     got = preprocess_image_bytes(tf.constant(batch), _png(48, "squash")).numpy()
-    for (orientation, big_endian), data, image in zip(cases, batch, got):
+    for (orientation, big_endian), data, image in zip(cases, batch, got, strict=True):
         upright = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB"))
         expected = np.round(tf.image.resize(upright / 255.0, [48, 48], antialias=True).numpy() * 255)
         # Serving rounds to 8 bits like a stored image: at most a level apart where a value sits on .5.

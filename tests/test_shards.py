@@ -10,10 +10,10 @@ import tensorflow as tf
 from apache_beam.testing.util import assert_that, equal_to
 
 from pipelines import dataset_info, shards
-from tagbeam.dataset import to_example
 from pipelines.manifests import Row
 from pipelines.splits import split_of
 from pipelines.vocabulary import StatsFn
+from tagbeam.dataset import to_example
 
 
 @pytest.mark.parametrize("compression, tf_type", [("none", ""), ("gzip", "GZIP")])

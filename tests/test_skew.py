@@ -21,15 +21,16 @@ import numpy as np
 import pytest
 import skimage.data
 import tensorflow as tf
-from trainer.hub import hub
 import tf_keras
-from backbone_factory import write_backbone
 from PIL import Image
 
 from pipelines.images import ImageOptions, process
-from trainer.model import NonEmptyBatch
 from tagbeam.dataset import StoredImages
+from trainer.hub import hub
+from trainer.model import NonEmptyBatch
 from trainer.serving import export_model, preprocess_image_bytes
+
+from backbone_factory import write_backbone
 
 SIZE = 224
 POLICIES = ("squash", "crop", "pad")
@@ -83,7 +84,7 @@ def _stats(served: np.ndarray, policy: str, output_format: str,
            subsampling: str = "4:2:0") -> list[tuple[str, float, float, float]]:
     """(image, mean, 99th percentile, max) of |stored - served| in 8-bit levels, per raw image."""
     rows = []
-    for (name, data), image in zip(RAW.items(), served):
+    for (name, data), image in zip(RAW.items(), served, strict=True):
         diff = np.abs(_stored(data, policy, output_format, subsampling).astype(np.float32) - image)  # 8-bit levels
         rows.append((f"{name} {policy}", diff.mean(), np.percentile(diff, 99), diff.max()))
     return rows

@@ -15,19 +15,21 @@ import textwrap
 import time
 
 import numpy as np
-from tagbeam import dataset
 import pytest
 import tensorflow as tf
+
+from tagbeam import dataset
+from tagbeam.export import read_backbone
+from trainer import data, task
+from trainer import model as model_lib
+from trainer.config import CACHED, THROUGH_BACKBONE, TrainOptions
+from trainer.evaluation import evaluate
+from trainer.serving import preprocess_image_bytes
+from trainer.train import OutputDirs, train
 
 from backbone_factory import write_backbone
 from dataset_factory import write_dataset
 from job_runs import train as run_trainer
-from tagbeam.export import read_backbone
-from trainer import data, model as model_lib, task
-from trainer.evaluation import evaluate
-from trainer.serving import preprocess_image_bytes
-from trainer.config import CACHED, THROUGH_BACKBONE, TrainOptions
-from trainer.train import OutputDirs, train
 
 LABELS = ["circle", "square", "triangle", "cross"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -110,10 +110,10 @@ def test_a_run_whose_recorded_options_are_cut_is_one_error_line(root, capsys):
 def test_a_cut_feature_pack_is_a_miss_and_is_set_aside(root, tmp_path, caplog):
     import logging
 
-    from dataset_factory import write_dataset
-
     from tagbeam import dataset
     from trainer.features import FeatureStore
+
+    from dataset_factory import write_dataset
 
     info = dataset.read(write_dataset(str(tmp_path / "data"), {"train": 4, "val": 2, "test": 2}, 32, ["a", "b"], 1))
     store = FeatureStore(storage.join(root, "features"), info, str(tmp_path / "backbone"))

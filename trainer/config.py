@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 
 from tagbeam.flags import at_least, group, in_range, option, positive
-from trainer.embedded_backbone import BACKBONES, DEFAULT as DEFAULT_BACKBONE
+from trainer.embedded_backbone import BACKBONES
+from trainer.embedded_backbone import DEFAULT as DEFAULT_BACKBONE
 
 CACHED = "cached_features"
 THROUGH_BACKBONE = "backbone"

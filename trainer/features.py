@@ -104,7 +104,7 @@ class FeatureStore:
                     log.warning("feature pack %s is unreadable (%s: %s): set aside as %s; its images' features "
                                 "are extracted again", path, type(err).__name__, err, storage.set_aside(path))
                     continue
-                for key, feature in zip(keys, features):
+                for key, feature in zip(keys, features, strict=True):
                     self._known[key.tobytes()] = feature
         return self._known
 
@@ -113,7 +113,7 @@ class FeatureStore:
         np.savez(buffer, keys=keys, features=features)
         storage.write_bytes(storage.join(self.directory, f"{_PACK_PREFIX}{uuid.uuid4().hex}.npz"), buffer.getvalue())
         known = self._load()
-        for key, feature in zip(keys, features):
+        for key, feature in zip(keys, features, strict=True):
             known[key.tobytes()] = feature
 
     def split_features(self, info: DatasetInfo, split: str,

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from tagbeam import export as model_files, flags, pages, storage
+from tagbeam import export as model_files
+from tagbeam import flags, pages, storage
 
 log = logging.getLogger("trainer.report")
 
@@ -55,7 +56,7 @@ class Scored:
         return buffer.getvalue()
 
     @classmethod
-    def from_npz(cls, body: bytes) -> "Scored":
+    def from_npz(cls, body: bytes) -> Scored:
         with np.load(io.BytesIO(body), allow_pickle=False) as arrays:
             return cls(arrays["ids"], arrays["labels"] > 0, arrays["scores"].astype(np.float32))
 

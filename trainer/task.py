@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tagbeam import console, export as model_files, flags, storage
+from tagbeam import console, flags, storage
+from tagbeam import export as model_files
 from tagbeam.dataset import DATASET_JSON
 from trainer.config import TaskOptions, TrainerJob, TrainOptions
 
@@ -86,7 +87,8 @@ def load_inputs(task: TaskOptions, options: TrainOptions) -> tuple[DatasetInfo, 
     import tf_keras
 
     from tagbeam import dataset
-    from trainer import embedded_backbone, model as model_lib
+    from trainer import embedded_backbone
+    from trainer import model as model_lib
 
     info = dataset.read(task.data_dir)
     if info.split("train").examples == 0 or not info.split("train").files:
@@ -149,9 +151,9 @@ def evaluate_run(info: DatasetInfo, result: TrainResult, options: TrainOptions, 
     metrics = evaluate(test_true, test_probs, labels, thresholds, options.beta)
     images, _ = data.sample_images(info, "test", SAMPLE_GRID_IMAGES)
     samples = [
-        (image, [name for name, t in zip(labels, truth) if t > 0],
-         [name for name, p, th in zip(labels, probs, thresholds) if p >= th])
-        for image, truth, probs in zip(images, test_true, test_probs)
+        (image, [name for name, t in zip(labels, truth, strict=True) if t > 0],
+         [name for name, p, th in zip(labels, probs, thresholds, strict=True) if p >= th])
+        for image, truth, probs in zip(images, test_true, test_probs, strict=True)
     ]
     write_report(model_dir, metrics, result.history, samples)
     _save_report_data(info, result, options, model_dir, backbone, test_probs, test_true, thresholds)
@@ -199,10 +201,9 @@ def run(task: TaskOptions, options: TrainOptions, flag_record: dict[str, Any] | 
     must fix. `flag_record`: the flags as given (run.json's "flags"); default: the options' values."""
     start = time.perf_counter()
     # Imports run no TensorFlow op, so the CPU can still be split in load_inputs.
-    from trainer.train import OutputDirs
-
     from trainer.config import CACHED
     from trainer.model import cluster_from_env
+    from trainer.train import OutputDirs
 
     info, strategy, backbone = load_inputs(task, options)
     dirs = OutputDirs.under(task.model_dir, os.environ.get("AIP_CHECKPOINT_DIR"),

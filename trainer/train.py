@@ -17,16 +17,18 @@ import json
 import logging
 import os
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from tagbeam import export as model_files, storage
+from tagbeam import export as model_files
+from tagbeam import storage
 from tagbeam.console import Progress
 from tagbeam.dataset import SPLITS, DatasetInfo
-from trainer import data, model as model_lib
+from trainer import data
+from trainer import model as model_lib
 from trainer.config import CACHED, DEFAULT_PATIENCE, TrainOptions
 from trainer.features import FeatureStore
 from trainer.losses import get_loss, positive_weights
@@ -49,7 +51,7 @@ class OutputDirs:
     feature_cache: str
 
     @classmethod
-    def under(cls, model_dir: str, checkpoint_dir: str | None = None, log_dir: str | None = None) -> "OutputDirs":
+    def under(cls, model_dir: str, checkpoint_dir: str | None = None, log_dir: str | None = None) -> OutputDirs:
         """The layout under `model_dir`; Vertex AI's AIP_CHECKPOINT_DIR / AIP_TENSORBOARD_LOG_DIR may move two of them."""
         return cls(
             model_dir=model_dir,
@@ -115,7 +117,7 @@ class FeatureCache:
         return features, labels
 
     def save(self, split: str, features: np.ndarray, labels: np.ndarray) -> None:
-        for path, array in zip(self._paths(split), (features, labels)):
+        for path, array in zip(self._paths(split), (features, labels), strict=True):
             buffer = io.BytesIO()
             np.save(buffer, array)
             storage.write_bytes(path, buffer.getvalue())
@@ -212,7 +214,7 @@ def _extract_features(strategy: tf.distribute.Strategy, info: DatasetInfo, backb
             continue
         start = time.perf_counter()
 
-        def through_backbone(only: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        def through_backbone(only: np.ndarray | None, split: str = split) -> tuple[np.ndarray, np.ndarray]:
             count = info.split(split).examples if only is None else int(only.sum())
             progress = Progress(log, f"{split}: backbone features", count)
             result = extract(data.image_dataset(info, split, batch_size, only=only), progress)
