@@ -153,7 +153,8 @@ def evaluate_run(info: DatasetInfo, result: TrainResult, options: TrainOptions, 
     samples = [
         (image, [name for name, t in zip(labels, truth, strict=True) if t > 0],
          [name for name, p, th in zip(labels, probs, thresholds, strict=True) if p >= th])
-        for image, truth, probs in zip(images, test_true, test_probs, strict=True)
+        # The grid shows the first test examples: their rows of the test scores.
+        for image, truth, probs in zip(images, test_true[:len(images)], test_probs[:len(images)], strict=True)
     ]
     write_report(model_dir, metrics, result.history, samples)
     _save_report_data(info, result, options, model_dir, backbone, test_probs, test_true, thresholds)
