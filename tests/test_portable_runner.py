@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_predict import _with_bad_rows, exported, posters  # noqa: F401 - fixtures, shared with test_predict
 
-from pipelines import predict, preprocess
+from pipelines import predict, predict_report, preprocess
 
 from conftest import free_port
 
@@ -132,7 +132,13 @@ def test_preprocess_on_the_portable_runner_writes_the_fnapi_runners_bytes(runs):
 def test_predict_on_the_portable_runner_writes_the_fnapi_runners_bytes(runs):
     ours, theirs = _files(runs["portable-predictions"]), _files(runs["fnapi-predictions"])
     assert sorted(ours) == sorted(theirs)
-    assert [n for n in ours if n != predict.SUMMARY_JSON and ours[n] != theirs[n]] == []
+    summaries = (predict.SUMMARY_JSON, predict_report.SUMMARY_HTML)
+    assert [n for n in ours if n not in summaries and ours[n] != theirs[n]] == []
+    # The page names the folder it was written to, and is otherwise the same.
+    folders = [str(runs[name]).encode() for name in ("portable-predictions", "fnapi-predictions")]
+    page = predict_report.SUMMARY_HTML
+    assert folders[0] in ours[page]
+    assert ours[page].replace(folders[0], b"OUTPUT") == theirs[page].replace(folders[1], b"OUTPUT")
     assert any(n.startswith("predictions-") for n in ours) and any(n.startswith("rejected-") for n in ours)
     # summary.json records the options as given, so only --output differs.
     mine, other = json.loads(ours[predict.SUMMARY_JSON]), json.loads(theirs[predict.SUMMARY_JSON])
