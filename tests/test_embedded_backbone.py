@@ -328,7 +328,7 @@ def test_fine_tuning_trains_the_top_of_a_lite_backbone(cache_dir: str) -> None:
     before = [v.numpy().copy() for v in (*top, below)]
     images = np.random.default_rng(3).integers(0, 255, (4, 64, 64, 3), np.uint8)
     model.fit(images, np.array([[1, 0], [0, 1], [1, 1], [0, 0]], np.float32), epochs=1, verbose=0)
-    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before, top, strict=True))
+    assert all(not np.allclose(b, v.numpy()) for b, v in zip(before[:-1], top, strict=True))
     np.testing.assert_array_equal(before[-1], below.numpy())
 
 
