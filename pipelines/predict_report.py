@@ -148,10 +148,10 @@ def write_page(output: str, summary: dict[str, Any], labels: Sequence[str], thre
                rejected_examples: dict[str, list[str]], section: dict[str, Any] | None, note: str | None) -> str:
     """Writes summary.html under `output`; returns its path."""
     gallery = []
+    cut = np.asarray(thresholds, np.float32)  # the evaluation's float32 comparison
     for row_id, probabilities, image in sorted(sample, key=lambda s: s[0]):
         picture = thumbnail(image)
-        chosen = [[k, float(p)] for k, (p, t) in enumerate(zip(probabilities, np.asarray(thresholds, np.float32), strict=True))
-                  if np.float32(p) >= t]
+        chosen = [[k, float(p)] for k, (p, t) in enumerate(zip(probabilities, cut, strict=True)) if np.float32(p) >= t]
         gallery.append({"id": row_id, "labels": chosen, "thumb": pages.data_uri("image/jpeg", picture) if picture else None})
     rejected = [{"reason": reason, "count": n, "examples": rejected_examples.get(reason, [])}
                 for reason, n in summary["rejected_by_reason"].items()]
